@@ -1,0 +1,212 @@
+"""Run configuration: YAML validated by pydantic, with ``--set a.b=value`` overrides.
+
+Strings may use environment variables (``${MIRA_ASSETS}/models/stories260K``); an
+unset variable is an error that names the field. Any validation error becomes a
+``MiraError`` naming the file and the field, so the CLI prints one line, exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mira.errors import MiraError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    path: str = "builtin:demo"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Optional[list[str]] = None
+
+
+class DataConfig(_Strict):
+    source: str = "synthetic"
+    path: Optional[str] = None
+    split: str = "train"
+    tasks: Optional[list[str]] = None
+    max_per_task: Optional[int] = Field(200, gt=0)
+    max_length: int = Field(256, gt=8)
+    field_map: dict[str, str] = Field(default_factory=dict)
+    seed: int = 0
+
+
+class PartitionConfig(_Strict):
+    name: str = "by_task"
+    clients_per_task: int = Field(1, gt=0)
+    num_clients: Optional[int] = Field(None, gt=0)
+    alpha: float = Field(0.5, gt=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_size: Optional[int] = Field(None, gt=0)
+
+
+class FederationConfig(_Strict):
+    rounds: int = Field(10, gt=0)
+    fraction: float = 1.0
+    local_steps: Optional[int] = Field(10, gt=0)
+    local_epochs: Optional[float] = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = 3e-4
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    min_clients: int = Field(1, gt=0)
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"learning rate must be positive, got {v}")
+        return v
+
+
+class AlgorithmConfig(BaseModel):
+    """``name`` picks the strategy class; the other keys are that strategy's ``Params``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "mira"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, gt=0)
+    batch_size: int = Field(16, gt=0)
+    generation: bool = False
+    max_new_tokens: int = Field(32, gt=0)
+    max_examples: int = Field(8, gt=0)
+
+
+class RefineHook(BaseModel):
+    """Optional per-client data refinement before training (see ``mira.shed``)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str = "shed"
+
+
+class RunConfig(_Strict):
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    refine: Optional[RefineHook] = None
+    plots: bool = True
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if self.federation.local_epochs is not None:
+            self.federation.local_steps = None
+        return self
+
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise MiraError(f"environment variable {name} is not set (used in {value!r}); "
+                            f"e.g. export {name}=../shared", where=where)
+        return _ENV.sub(sub, value)
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise MiraError(f"--set expects key=value, got {item!r}", where="--set")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise MiraError(f"cannot set {key}: {p} is not a section", where="--set")
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def validate(raw: dict, source: str = "config") -> RunConfig:
+    raw = _expand(raw, "")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(root)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        raise MiraError(f"{field}: {msg}", where=source) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[RunConfig, dict]:
+    """Read a YAML config (or the embedded default when ``path`` is None)."""
+    raw: dict = {}
+    source = "config"
+    if path is None:
+        raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        source = "embedded default config"
+    else:
+        p = Path(path)
+        source = str(p)
+        if not p.exists():
+            raise MiraError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise MiraError(f"malformed YAML: {getattr(e, 'problem', e)}", where=where) from None
+        if not isinstance(raw, dict):
+            raise MiraError("a config must be a YAML mapping", where=str(p))
+    raw = apply_overrides(raw, list(overrides))
+    return validate(raw, source), raw
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

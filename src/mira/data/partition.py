@@ -1,0 +1,114 @@
+"""Split records into federated clients, each with its own train/test split (seeded).
+
+Partitioners are classes registered by name in ``PARTITIONERS``:
+``by_task`` (each client holds one task, ``clients_per_task`` clients per task: MIRA's
+setting), ``dirichlet`` (task mixture per client drawn from Dir(alpha): FedIT's setting)
+and ``iid``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from mira.data.records import Record
+from mira.errors import MiraError
+
+
+@dataclass
+class ClientData:
+    id: int
+    task: str
+    train: list[Record]
+    test: list[Record]
+
+
+PARTITIONERS: dict[str, type["Partitioner"]] = {}
+
+
+def register_partitioner(cls):
+    PARTITIONERS[cls.name] = cls
+    return cls
+
+
+class Partitioner:
+    name: ClassVar[str]
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def groups(self, records: list[Record], rng: np.random.Generator) -> list[list[Record]]:
+        raise NotImplementedError
+
+
+def _by_task(records: list[Record]) -> dict[str, list[Record]]:
+    out: dict[str, list[Record]] = {}
+    for r in records:
+        out.setdefault(r.task, []).append(r)
+    return dict(sorted(out.items()))
+
+
+@register_partitioner
+class ByTask(Partitioner):
+    name = "by_task"
+
+    def groups(self, records, rng):
+        out = []
+        for task, group in _by_task(records).items():
+            order = rng.permutation(len(group))
+            for part in np.array_split(order, self.cfg.clients_per_task):
+                out.append([group[i] for i in part])
+        return out
+
+
+@register_partitioner
+class Dirichlet(Partitioner):
+    name = "dirichlet"
+
+    def groups(self, records, rng):
+        k = self.cfg.num_clients
+        if not k:
+            raise MiraError("partition.num_clients is required for the dirichlet partitioner", where="partition.num_clients")
+        out: list[list[Record]] = [[] for _ in range(k)]
+        for task, group in _by_task(records).items():
+            order = rng.permutation(len(group))
+            props = rng.dirichlet([self.cfg.alpha] * k)
+            cuts = (np.cumsum(props) * len(group)).astype(int)[:-1]
+            for client, part in enumerate(np.split(order, cuts)):
+                out[client] += [group[i] for i in part]
+        return out
+
+
+@register_partitioner
+class IID(Partitioner):
+    name = "iid"
+
+    def groups(self, records, rng):
+        k = self.cfg.num_clients
+        if not k:
+            raise MiraError("partition.num_clients is required for the iid partitioner", where="partition.num_clients")
+        order = rng.permutation(len(records))
+        return [[records[i] for i in part] for part in np.array_split(order, k)]
+
+
+def partition(records: list[Record], cfg, seed: int, min_train: int = 1) -> list[ClientData]:
+    """Partition ``records`` and give each client a train/test split."""
+    if cfg.name not in PARTITIONERS:
+        raise MiraError(f"unknown partitioner {cfg.name!r}; choose one of {sorted(PARTITIONERS)}", where="partition.name")
+    rng = np.random.default_rng(seed)
+    clients = []
+    for cid, group in enumerate(PARTITIONERS[cfg.name](cfg).groups(records, rng)):
+        group = [group[i] for i in rng.permutation(len(group))]
+        n_test = cfg.test_size if cfg.test_size else int(round(len(group) * cfg.test_fraction))
+        n_test = max(1, min(n_test, len(group) - 1)) if len(group) > 1 else 0
+        train, test = group[n_test:], group[:n_test]
+        task = Counter(r.task for r in group).most_common(1)[0][0] if group else "empty"
+        if len(train) < min_train or not test:
+            raise MiraError(
+                f"client {cid} (task {task!r}) has {len(train)} training and {len(test)} test examples; "
+                f"need at least {min_train} and 1 (add data, lower partition.num_clients or federation.batch_size)",
+                where="partition")
+        clients.append(ClientData(cid, task, train, test))
+    return clients

@@ -1,0 +1,1 @@
+"""MIRA and its baselines: the federated engine, strategies, task graphs and wire format."""

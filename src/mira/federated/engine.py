@@ -1,0 +1,279 @@
+"""The in-process federated engine.
+
+``Workspace`` loads what every algorithm shares: the records, the client partition,
+the one frozen base model with its LoRA slot, and the tokenised splits.
+``Engine`` runs one strategy on a workspace, round by round:
+
+1. sample ``max(1, round(fraction*K))`` clients uniformly without replacement;
+2. for each, serialise what the strategy sends (``WireCodec``), train locally
+   (``client_fit``), serialise the upload; updates with NaN/Inf are rejected and logged;
+3. ``strategy.aggregate_fit``;
+4. evaluate every ``eval.every`` rounds and at the end;
+5. checkpoint the server state atomically.
+
+Randomness is derived from ``(seed, round, client)``, so a resumed run retraces the
+uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mira.config import RunConfig
+from mira.data.partition import ClientData, partition
+from mira.data.prompts import TokenizedDataset, tokenize_records
+from mira.data.records import load_records
+from mira.errors import MiraError
+from mira.eval.metrics import eval_loss, generate, generation_metrics
+from mira.federated.client import client_fit
+from mira.federated.strategies import FitRes, Strategy, StrategyContext, get_strategy
+from mira.federated.wire import WireCodec
+from mira.io import atomic_save_npy, atomic_torch_save, atomic_write_json, atomic_write_text
+from mira.models.adapters import AdapterSlot, all_finite, lora_settings_to_peft
+from mira.models.loader import load_base
+from mira.report.progress import NullProgress
+from mira.train.trainer import LocalTrainer, TrainSettings
+
+log = logging.getLogger("mira")
+CHECKPOINT = "checkpoint.pt"
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def train_settings(cfg: RunConfig) -> TrainSettings:
+    f = cfg.federation
+    return TrainSettings(lr=f.lr, batch_size=f.batch_size, weight_decay=f.weight_decay, grad_clip=f.grad_clip,
+                         steps=f.local_steps, epochs=f.local_epochs)
+
+
+@dataclass
+class Workspace:
+    """Model, tokenizer, LoRA slot and client data, loaded once and shared by all algorithms."""
+
+    cfg: RunConfig
+    model: object
+    tokenizer: object
+    slot: AdapterSlot
+    clients: list[ClientData]
+    train: list[TokenizedDataset]
+    test: list[TokenizedDataset]
+    global_test: TokenizedDataset
+
+    @classmethod
+    def load(cls, cfg: RunConfig, log_fn: Callable[[str], None] = lambda s: None) -> "Workspace":
+        records = load_records(cfg.data, seed=cfg.data.seed)
+        clients = partition(records, cfg.partition, seed=cfg.seed, min_train=1)
+        if cfg.refine is not None:
+            from mira.shed.federated import refine_clients
+
+            clients = refine_clients(clients, cfg, log_fn)
+        base, tokenizer = load_base(cfg.model.path, cfg.model.dtype, cfg.model.device)
+        lora = lora_settings_to_peft(base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+        slot = AdapterSlot.attach(base, lora, seed=cfg.seed)
+        ml = cfg.data.max_length
+        train = [tokenize_records(c.train, tokenizer, ml) for c in clients]
+        test = [tokenize_records(c.test, tokenizer, ml) for c in clients]
+        log_fn(f"{len(records)} records, {len(clients)} clients, "
+               f"{sum(len(t) for t in train)} train / {sum(len(t) for t in test)} test examples")
+        return cls(cfg, slot.model, tokenizer, slot, clients, train, test, TokenizedDataset.concat(test))
+
+
+class Engine:
+    def __init__(self, ws: Workspace, cfg: RunConfig, out_dir: str | Path, quiet: bool = False):
+        self.ws, self.cfg, self.out = ws, cfg, Path(out_dir)
+        self.quiet = quiet
+        self.k = len(ws.clients)
+        cls = get_strategy(cfg.algorithm.name)
+        self.params = cls.parse_params(cfg.algorithm.params())
+        self.trainer = LocalTrainer(ws.slot, ws.tokenizer.pad_token_id, train_settings(cfg))
+        steps = [self.trainer.settings.num_steps(len(d)) for d in ws.train]
+        ctx = StrategyContext(num_clients=self.k, n_train=[len(d) for d in ws.train], lr=cfg.federation.lr,
+                              local_steps=int(round(float(np.mean(steps)))), seed=cfg.seed, keys=ws.slot.keys())
+        self.strategy: Strategy = cls(self.params, ctx, ws.slot.initial_state)
+        self.codec = WireCodec(ws.slot.initial_state, cfg.federation.wire_dtype)
+        self.per_round = max(1, int(round(cfg.federation.fraction * self.k)))
+        if self.per_round < cfg.federation.min_clients:
+            raise MiraError(f"fraction {cfg.federation.fraction} samples {self.per_round} clients per round, "
+                            f"fewer than federation.min_clients={cfg.federation.min_clients}", where="federation.fraction")
+        self.pooled = TokenizedDataset.concat(ws.train) if cls.pooled else None
+        # counters (checkpointed)
+        self.round = 0
+        self.rows: list[dict] = []
+        self.rounds_log: list[dict] = []
+        self.bytes_up = self.bytes_down = 0
+        self.wall = 0.0
+        self.rejected: list[dict] = []
+
+    # -- setup / resume --------------------------------------------------------------
+    def resolved_config(self) -> str:
+        raw = self.cfg.model_dump(mode="json")
+        raw["algorithm"] = {"name": self.cfg.algorithm.name, **self.params.model_dump(mode="json", by_alias=True)}
+        import yaml
+
+        return yaml.safe_dump(raw, sort_keys=False)
+
+    def state(self) -> dict:
+        return {"round": self.round, "strategy": self.strategy.state_dict(), "rows": self.rows,
+                "rounds_log": self.rounds_log, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "wall": self.wall, "rejected": self.rejected,
+                "rng": {"scheme": "numpy SeedSequence([seed, round, client])", "seed": self.cfg.seed}}
+
+    def load_state(self, s: dict) -> None:
+        self.round = s["round"]
+        self.strategy.load_state_dict(s["strategy"])
+        self.rows, self.rounds_log = s["rows"], s["rounds_log"]
+        self.bytes_up, self.bytes_down, self.wall = s["bytes_up"], s["bytes_down"], s["wall"]
+        self.rejected = s["rejected"]
+
+    def checkpoint(self) -> None:
+        atomic_torch_save(self.out / CHECKPOINT, self.state())
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    # -- one round --------------------------------------------------------------------
+    def sample(self, rnd: int) -> list[int]:
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, 1_000_003))
+        return sorted(rng.choice(self.k, size=self.per_round, replace=False).tolist())
+
+    def _transfer(self, state, keys) -> tuple[dict, int]:
+        buf = self.codec.encode(state, keys)
+        return self.codec.decode(buf, keys), len(buf)
+
+    def run_round(self, rnd: int, progress: NullProgress) -> dict:
+        t0 = time.perf_counter()
+        sampled = self.sample(rnd)
+        keys = self.strategy.wire_keys()
+        results: dict[int, FitRes] = {}
+        step_time, tokens, rejected = 0.0, 0, []
+        if self.strategy.pooled:
+            steps = sum(self.trainer.settings.num_steps(len(self.ws.train[c])) for c in sampled)
+            ins = self.strategy.configure_fit(0)
+            adapter, res = client_fit(self.ws.slot, self.trainer, self.pooled, ins, derive_seed(self.cfg.seed, rnd, 0), steps)
+            results[0] = FitRes(adapter, len(self.pooled))
+            step_time, tokens = res.step_time_s, res.tokens
+            progress.client_done()
+        else:
+            for cid in sampled:
+                ins = self.strategy.configure_fit(cid)
+                if self.strategy.exchanges:
+                    down, nbytes = self._transfer(ins.adapter, keys)
+                    self.bytes_down += nbytes
+                    ins.adapter = down
+                adapter, res = client_fit(self.ws.slot, self.trainer, self.ws.train[cid], ins,
+                                          derive_seed(self.cfg.seed, rnd, cid))
+                step_time += res.step_time_s
+                tokens += res.tokens
+                if self.strategy.exchanges:
+                    adapter, nbytes = self._transfer(adapter, keys)
+                    self.bytes_up += nbytes
+                if not all_finite(adapter):
+                    log.warning("round %d: client %d sent NaN/Inf values; update rejected", rnd, cid)
+                    rejected.append(cid)
+                    self.rejected.append({"round": rnd, "client": cid})
+                else:
+                    results[cid] = FitRes(adapter, len(self.ws.train[cid]), {"train_loss": res.loss})
+                progress.client_done()
+        info = self.strategy.aggregate_fit(rnd, results)
+        round_time = time.perf_counter() - t0
+        entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": round_time,
+                 "train_step_time_s": step_time, "train_tokens": tokens, **info}
+        graphs = getattr(self.strategy, "graphs", None)
+        if graphs:
+            atomic_save_npy(self.out / "graphs" / f"round_{rnd:04d}.npy", graphs[-1])
+        return entry
+
+    # -- evaluation -------------------------------------------------------------------
+    def evaluate(self, rnd: int) -> list[dict]:
+        ws, ev = self.ws, self.cfg.eval
+        pad = ws.tokenizer.pad_token_id
+        rows, global_cache = [], {}
+        for c in ws.clients:
+            adapter = self.strategy.adapter_for(c.id)
+            ws.slot.set(adapter)
+            local, _ = eval_loss(ws.model, ws.test[c.id], pad, ev.batch_size)
+            if id(adapter) not in global_cache:
+                global_cache[id(adapter)] = eval_loss(ws.model, ws.global_test, pad, ev.batch_size)[0]
+            row = {"round": rnd, "client": c.id, "task": c.task, "local_loss": local,
+                   "global_loss": global_cache[id(adapter)], "n_train": len(ws.train[c.id]), "n_test": len(ws.test[c.id])}
+            if ev.generation:
+                preds = generate(ws.model, ws.tokenizer, ws.test[c.id], ev.max_new_tokens, ev.max_examples)
+                refs = [r.output for r in ws.test[c.id].records[: len(preds)]]
+                row.update(generation_metrics(preds, refs))
+            rows.append(row)
+        return rows
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self, resume: bool = False, progress: NullProgress | None = None) -> dict:
+        progress = progress or NullProgress()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            ck = self.out / CHECKPOINT
+            if not ck.exists():
+                raise MiraError(f"no checkpoint to resume in {self.out}", where="--resume")
+            self.load_state(torch.load(ck, weights_only=False))
+        else:
+            atomic_write_text(self.out / "config.yaml", self.resolved_config())
+        rounds = self.cfg.federation.rounds
+        every = self.cfg.eval.every
+        progress.start_rounds(self.cfg.algorithm.name, rounds, self.round)
+        for rnd in range(self.round + 1, rounds + 1):
+            t0 = time.perf_counter()
+            progress.start_clients(1 if self.strategy.pooled else self.per_round)
+            entry = self.run_round(rnd, progress)
+            if rnd % every == 0 or rnd == rounds:
+                te = time.perf_counter()
+                self.rows += self.evaluate(rnd)
+                entry["eval_time_s"] = time.perf_counter() - te
+            self.rounds_log.append(entry)
+            self.round = rnd
+            self.wall += time.perf_counter() - t0
+            self.checkpoint()
+            progress.round_done()
+        return self.finish()
+
+    def finish(self) -> dict:
+        ws = self.ws
+        last = [r for r in self.rows if r["round"] == self.round]
+        for c in ws.clients:
+            ws.slot.save(self.strategy.adapter_for(c.id), self.out / "adapters" / f"client_{c.id}")
+        graphs = getattr(self.strategy, "graphs", None)
+        if graphs:
+            atomic_save_npy(self.out / "graph.npy", graphs[-1])
+        keys = self.strategy.wire_keys()
+        summary = {
+            "algorithm": self.cfg.algorithm.name,
+            "rounds": self.round,
+            "seed": self.cfg.seed,
+            "clients": [{"id": r["client"], "task": r["task"], "n_train": r["n_train"], "n_test": r["n_test"],
+                         "local_test_loss": r["local_loss"], "global_test_loss": r["global_loss"],
+                         **{k: r[k] for k in ("rouge_l", "exact_match") if k in r}} for r in last],
+            "mean_local_test_loss": float(np.mean([r["local_loss"] for r in last])),
+            "mean_global_test_loss": float(np.mean([r["global_loss"] for r in last])),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "adapter_bytes": self.codec.raw_bytes(keys),
+            "wire_dtype": self.cfg.federation.wire_dtype,
+            "rejected_updates": self.rejected,
+            "wall_time_s": self.wall,
+            "train_step_time_s": float(sum(e["train_step_time_s"] for e in self.rounds_log)),
+            "round_time_s": float(sum(e["round_time_s"] for e in self.rounds_log)),
+            "train_tokens": int(sum(e["train_tokens"] for e in self.rounds_log)),
+        }
+        for key in ("rouge_l", "exact_match"):
+            if last and key in last[0]:
+                summary[f"mean_{key}"] = float(np.mean([r[key] for r in last]))
+        atomic_write_json(self.out / "summary.json", summary)
+        atomic_write_json(self.out / "rounds.json", self.rounds_log)
+        if self.cfg.plots:
+            from mira.report.plots import plot_run
+
+            plot_run(self.out, self.rows, self.cfg.algorithm.name)
+        return summary

@@ -1,0 +1,146 @@
+"""Task graphs ``a_kl`` for MIRA's Laplacian step, one class per option, registered by name.
+
+* ``random``: as in the MIRA paper: U ~ Uniform[0,1]^{KxK}, (U+U^T)/2, entries below
+  0.25 set to 0, zero diagonal (seeded).
+* ``uniform``: all ones off the diagonal.
+* ``file``: a user's K x K matrix (``.npy``, ``.csv`` or ``.json``), validated: square,
+  symmetric, non-negative, finite, zero diagonal.
+* ``similarity`` (new in mira): re-estimated every round from the clients' own adapter
+  updates: cosine similarity of the flattened updates, clipped at 0. A client that has
+  not trained yet has no edges.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from mira.errors import MiraError
+
+GRAPHS: dict[str, type["TaskGraph"]] = {}
+
+
+def register_graph(cls):
+    GRAPHS[cls.name] = cls
+    return cls
+
+
+def validate_graph(a: np.ndarray, k: int, where: str = "algorithm.graph") -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise MiraError(f"graph must be a square matrix, got shape {a.shape}", where=where)
+    if a.shape[0] != k:
+        raise MiraError(f"graph is {a.shape[0]}x{a.shape[0]} but there are {k} clients", where=where)
+    if not np.isfinite(a).all():
+        raise MiraError("graph has NaN or infinite entries", where=where)
+    if (a < 0).any():
+        i, j = np.argwhere(a < 0)[0]
+        raise MiraError(f"graph entry [{i},{j}] = {a[i, j]} is negative", where=where)
+    if not np.allclose(a, a.T):
+        i, j = np.argwhere(~np.isclose(a, a.T))[0]
+        raise MiraError(f"graph is not symmetric: [{i},{j}]={a[i, j]} but [{j},{i}]={a[j, i]}", where=where)
+    if np.any(np.diag(a) != 0):
+        raise MiraError("graph diagonal must be zero", where=where)
+    return a
+
+
+class TaskGraph:
+    name: ClassVar[str]
+    dynamic: ClassVar[bool] = False
+
+    def __init__(self, k: int, seed: int, file: str | None = None):
+        self.k = k
+        self.a = np.zeros((k, k))
+
+    def max_degree_bound(self) -> float:
+        """An upper bound of max_k sum_l a_kl over the whole run (for the overshoot check)."""
+        return float(self.a.sum(axis=1).max()) if self.k else 0.0
+
+    def update(self, updates: dict[int, torch.Tensor]) -> np.ndarray:
+        return self.a
+
+
+@register_graph
+class RandomGraph(TaskGraph):
+    name = "random"
+
+    def __init__(self, k, seed, file=None):
+        super().__init__(k, seed)
+        u = np.random.default_rng(seed).uniform(0, 1, (k, k))
+        a = (u + u.T) / 2
+        a[a < 0.25] = 0
+        np.fill_diagonal(a, 0)
+        self.a = a
+
+
+@register_graph
+class UniformGraph(TaskGraph):
+    name = "uniform"
+
+    def __init__(self, k, seed, file=None):
+        super().__init__(k, seed)
+        self.a = np.ones((k, k)) - np.eye(k)
+
+
+@register_graph
+class FileGraph(TaskGraph):
+    name = "file"
+
+    def __init__(self, k, seed, file=None):
+        super().__init__(k, seed)
+        if not file:
+            raise MiraError("graph 'file' needs algorithm.graph_file", where="algorithm.graph_file")
+        p = Path(file)
+        if not p.exists():
+            raise MiraError(f"graph file not found: {file}", where="algorithm.graph_file")
+        try:
+            if p.suffix == ".npy":
+                a = np.load(p)
+            elif p.suffix == ".json":
+                a = np.array(json.loads(p.read_text()), dtype=float)
+            else:
+                a = np.loadtxt(p, delimiter=",", ndmin=2)
+        except (ValueError, json.JSONDecodeError) as e:
+            raise MiraError(f"cannot read a matrix: {e}", where=str(p)) from e
+        self.a = validate_graph(a, k, where=str(p))
+
+
+@register_graph
+class SimilarityGraph(TaskGraph):
+    name = "similarity"
+    dynamic = True
+
+    def __init__(self, k, seed, file=None):
+        super().__init__(k, seed)
+        self.last_update: dict[int, torch.Tensor] = {}
+
+    def max_degree_bound(self) -> float:
+        return float(max(self.k - 1, 0))  # cosine <= 1
+
+    def update(self, updates: dict[int, torch.Tensor]) -> np.ndarray:
+        self.last_update.update(updates)
+        ids = sorted(self.last_update)
+        if len(ids) >= 2:
+            m = torch.stack([self.last_update[i] for i in ids]).double()
+            m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sim = (m @ m.T).clamp_min(0).numpy()
+            np.fill_diagonal(sim, 0)
+            a = np.zeros((self.k, self.k))
+            a[np.ix_(ids, ids)] = sim
+            self.a = a
+        return self.a
+
+    def state_dict(self) -> dict:
+        return {"last_update": self.last_update, "a": self.a}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.last_update, self.a = s["last_update"], s["a"]
+
+
+def build_graph(name: str, k: int, seed: int, file: str | None = None) -> TaskGraph:
+    if name not in GRAPHS:
+        raise MiraError(f"unknown graph {name!r}; choose one of {sorted(GRAPHS)}", where="algorithm.graph")
+    return GRAPHS[name](k, seed, file)

@@ -1,0 +1,111 @@
+"""The strategy interface, modelled on Flower's: a small class with a handful of methods.
+
+A strategy is pure server logic on adapter tensors; it never sees the model or data,
+so the in-process engine and the Flower app run the same classes.
+
+* ``configure_fit(cid)`` -> ``FitIns``: what client ``cid`` starts from and how it trains.
+* ``aggregate_fit(rnd, results)``: fold the uploaded adapters into the server state.
+* ``adapter_for(cid)``: the adapter client ``cid`` would use (for evaluation and export).
+* ``state_dict()`` / ``load_state_dict()``: everything needed to resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mira.errors import MiraError
+from mira.models.adapters import AdapterState
+
+STRATEGIES: dict[str, type["Strategy"]] = {}
+
+
+def register_strategy(cls):
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy may know about the federation (never the data itself)."""
+
+    num_clients: int
+    n_train: list[int]
+    lr: float
+    local_steps: int  # R (for epochs: the mean number of steps per client)
+    seed: int
+    keys: list[str]  # adapter keys in order
+
+
+@dataclass
+class FitIns:
+    adapter: AdapterState
+    frozen: frozenset[str] = frozenset()
+    prox_mu: float = 0.0
+
+
+@dataclass
+class FitRes:
+    adapter: AdapterState
+    n_train: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Strategy:
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    personalized: ClassVar[bool] = False  # each client evaluates its own adapter
+    exchanges: ClassVar[bool] = True  # False: nothing is sent (local training)
+    pooled: ClassVar[bool] = False  # True: one adapter on the pooled data (centralized)
+
+    def __init__(self, params: BaseModel, ctx: StrategyContext, init: AdapterState):
+        self.p = params
+        self.ctx = ctx
+        self.init = {k: v.clone() for k, v in init.items()}
+
+    @classmethod
+    def parse_params(cls, raw: dict) -> BaseModel:
+        try:
+            return cls.Params.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown option for this algorithm" if err["type"] == "extra_forbidden" else err["msg"]
+            raise MiraError(f"{msg}", where=f"algorithm.{loc} ({cls.name})") from None
+
+    # -- what travels ---------------------------------------------------------------
+    def wire_keys(self) -> list[str]:
+        """Adapter keys that are sent down and up (all of them unless a strategy freezes some)."""
+        return list(self.ctx.keys)
+
+    # -- the four methods ------------------------------------------------------------
+    def configure_fit(self, cid: int) -> FitIns:
+        raise NotImplementedError
+
+    def aggregate_fit(self, rnd: int, results: dict[int, FitRes]) -> dict:
+        raise NotImplementedError
+
+    def adapter_for(self, cid: int) -> AdapterState:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise MiraError(f"unknown algorithm {name!r}; choose one of {sorted(STRATEGIES)}", where="algorithm.name")
+    return STRATEGIES[name]
+
+
+def weighted_average(states: list[AdapterState], weights: list[float], keys: list[str]) -> AdapterState:
+    total = float(sum(weights))
+    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in keys}

@@ -1,0 +1,98 @@
+"""``mira`` (Elbakary et al., 2024): federated multi-task LoRA with a Laplacian step.
+
+Objective: ``sum_k f_k(w_k) + lambda * R(W)``, ``R(W) = 1/2 sum_k sum_{l!=k} a_kl ||w_k - w_l||^2``.
+
+Each client k owns a personalised adapter dW_k = {A_k, B_k}; the server stores the
+latest dW_k of every client. In round t each sampled client receives **its own** dW_k,
+trains R local steps to dW_{k,R} and uploads it. The server then sets, for every
+sampled k::
+
+    dW_k <- dW_{k,R} - eta * lambda * sum_{l != k} a_kl (dW_{k,R} - dW_l)
+
+where dW_l is client l's fresh upload if l was sampled this round, else the stored one
+(``neighbors: all``, the paper's equation), or only this round's sampled clients
+(``neighbors: sampled``, as the authors' code). Unsampled clients keep their adapter.
+The regularised dW_k is what client k starts from next time (the authors' code
+reloads the un-regularised one, so its regulariser never reaches training; not here).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mira.errors import MiraError
+from mira.federated.graph import build_graph
+from mira.federated.strategies.base import FitIns, FitRes, Strategy, register_strategy
+from mira.models.adapters import flatten
+
+
+class MiraParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    lambda_: float = Field(0.5, ge=0, alias="lambda")
+    eta: Optional[float] = Field(None, gt=0, description="server step; default lr * R")
+    neighbors: Literal["all", "sampled"] = "all"
+    graph: str = "random"
+    graph_file: Optional[str] = None
+
+
+@register_strategy
+class Mira(Strategy):
+    name = "mira"
+    Params = MiraParams
+    personalized = True
+
+    def __init__(self, params, ctx, init):
+        super().__init__(params, ctx, init)
+        self.adapters = {cid: dict(self.init) for cid in range(ctx.num_clients)}
+        self.graph = build_graph(params.graph, ctx.num_clients, ctx.seed, params.graph_file)
+        self.eta = params.eta if params.eta is not None else ctx.lr * ctx.local_steps
+        step = self.eta * params.lambda_ * self.graph.max_degree_bound()
+        if step >= 1:
+            raise MiraError(
+                f"eta*lambda*max_k(sum_l a_kl) = {self.eta:g}*{params.lambda_:g}*{self.graph.max_degree_bound():g} = "
+                f"{step:.3g} >= 1: the Laplacian step would overshoot; lower algorithm.lambda or algorithm.eta",
+                where="algorithm")
+        self.graphs: list[np.ndarray] = []  # the graph used in each round
+
+    def configure_fit(self, cid: int) -> FitIns:
+        return FitIns(adapter=self.adapters[cid])
+
+    def aggregate_fit(self, rnd: int, results: dict[int, FitRes]) -> dict:
+        if self.graph.dynamic:
+            updates = {cid: flatten(r.adapter) - flatten(self.adapters[cid]) for cid, r in results.items()}
+            self.graph.update(updates)
+        a = self.graph.a
+        fresh = {cid: r.adapter for cid, r in results.items()}
+        neighbours = range(self.ctx.num_clients) if self.p.neighbors == "all" else sorted(fresh)
+        step = self.eta * self.p.lambda_
+        new = {}
+        for k, wk in fresh.items():
+            pulled = {}
+            for key, value in wk.items():
+                lap = torch.zeros_like(value)
+                for l in neighbours:
+                    if l != k and a[k, l] != 0:
+                        wl = fresh[l] if l in fresh else self.adapters[l]
+                        lap += float(a[k, l]) * (value - wl[key])
+                pulled[key] = value - step * lap
+            new[k] = pulled
+        self.adapters.update(new)
+        self.graphs.append(a.copy())
+        return {"graph_edges": int((a > 0).sum() // 2)}
+
+    def adapter_for(self, cid: int):
+        return self.adapters[cid]
+
+    def state_dict(self) -> dict:
+        s = {"adapters": self.adapters, "graphs": self.graphs}
+        if self.graph.dynamic:
+            s["graph"] = self.graph.state_dict()
+        return s
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adapters, self.graphs = state["adapters"], state["graphs"]
+        if self.graph.dynamic:
+            self.graph.load_state_dict(state["graph"])

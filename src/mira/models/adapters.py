@@ -1,0 +1,136 @@
+"""LoRA adapters on one shared base model.
+
+A client's whole state is an ``AdapterState``: a dict from PEFT's saved key names
+(``base_model.model.<module>.lora_A.weight``, as in ``adapter_model.safetensors``)
+to tensors. ``AdapterSlot`` wraps the single PEFT model and copies states in and
+out of its LoRA parameters, so any number of clients share one base in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from mira.errors import MiraError
+
+AdapterState = Dict[str, torch.Tensor]
+
+
+def default_target_modules(model) -> list[str]:
+    """PEFT's per-architecture defaults: ``q_proj,v_proj`` for Llama, ``c_attn`` for GPT-2, ..."""
+    model_type = getattr(model.config, "model_type", None)
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise MiraError(f"no default LoRA target modules for model type {model_type!r}; set lora.target_modules",
+                        where="lora.target_modules")
+    return list(targets)
+
+
+def lora_settings_to_peft(model, r: int, alpha: float, dropout: float, target_modules: list[str] | None) -> LoraConfig:
+    targets = target_modules or default_target_modules(model)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise MiraError(f"target modules {missing} not found in the model (it has e.g. {sorted(names)[:8]})",
+                        where="lora.target_modules")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def _saved_key(param_name: str, adapter_name: str) -> str:
+    return param_name.replace(f".{adapter_name}.", ".")
+
+
+class AdapterSlot:
+    """The one PEFT model; client adapters are swapped in by copying tensors.
+
+    ``attach`` wraps the frozen base with a LoRA adapter initialised from ``seed``;
+    that initialisation is the same for every client (``initial_state``).
+    """
+
+    def __init__(self, peft_model: PeftModel, adapter_name: str = "default"):
+        self.model = peft_model
+        self.adapter_name = adapter_name
+        self.params: dict[str, torch.nn.Parameter] = {
+            _saved_key(n, adapter_name): p
+            for n, p in peft_model.named_parameters()
+            if "lora_" in n and f".{adapter_name}." in n
+        }
+        if not self.params:
+            raise MiraError("the LoRA config produced no trainable parameters", where="lora")
+        self.initial_state = self.get()
+
+    @classmethod
+    def attach(cls, base, lora: LoraConfig, seed: int) -> "AdapterSlot":
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(base, lora)
+        for n, p in peft_model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        return cls(peft_model)
+
+    # -- state in and out -------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.params)
+
+    def get(self) -> AdapterState:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def set(self, state: AdapterState) -> None:
+        if state.keys() != self.params.keys():
+            extra, missing = set(state) - set(self.params), set(self.params) - set(state)
+            raise MiraError(f"adapter keys do not match the model (extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]})")
+        for k, p in self.params.items():
+            p.copy_(state[k])
+
+    def trainable(self, keys: Iterable[str]) -> list[torch.nn.Parameter]:
+        return [self.params[k] for k in keys]
+
+    def num_bytes(self, state: AdapterState | None = None) -> int:
+        state = state if state is not None else self.params
+        return sum(t.numel() * t.element_size() for t in state.values())
+
+    # -- PEFT format -------------------------------------------------------------------
+    def save(self, state: AdapterState, out_dir: str | os.PathLike) -> Path:
+        """Write ``state`` as a PEFT adapter folder (atomically: temp folder + rename)."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        current = self.get()
+        self.set(state)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            self.model.save_pretrained(str(tmp))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.set(current)
+        return out
+
+
+def is_lora_A(key: str) -> bool:
+    return ".lora_A." in key
+
+
+def flatten(state: AdapterState) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).float() for t in state.values()])
+
+
+def all_finite(state: AdapterState) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.exists():
+        raise MiraError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
+    return json.loads(cfg.read_text())

@@ -1,0 +1,1 @@
+"""Reporting: progress bars, plots and tables."""

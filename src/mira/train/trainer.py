@@ -1,0 +1,98 @@
+"""Local training: R steps (or E epochs) of AdamW on the LoRA tensors now in the slot.
+
+The trainer owns no model: it trains whatever adapter the ``AdapterSlot`` holds and
+leaves the result there. Options used by the algorithms:
+
+* ``frozen``: keys excluded from training (FFA-LoRA freezes every ``lora_A``);
+* ``prox_mu`` and ``anchor``: FedProx's ``mu/2 * ||theta - theta_anchor||^2``.
+
+Batches are drawn from a seeded generator: the same seed gives the same batches, the
+same dropout masks and so the same adapter, which is what makes resume exact.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mira.data.prompts import TokenizedDataset, collate
+from mira.models.adapters import AdapterSlot, AdapterState
+
+
+@dataclass
+class TrainSettings:
+    lr: float = 3e-4
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    steps: int | None = 10
+    epochs: float | None = None
+
+    def num_steps(self, n_examples: int) -> int:
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+        return int(self.steps or 1)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    loss: float
+    step_time_s: float  # forward + backward + optimiser time only
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` batches of size ``min(batch_size, n)`` from successive seeded permutations."""
+    rng = np.random.default_rng(seed)
+    bs = min(batch_size, n)
+    out: list[list[int]] = []
+    order: list[int] = []
+    while len(out) < steps:
+        if len(order) < bs:
+            order += rng.permutation(n).tolist()
+        out.append(order[:bs])
+        order = order[bs:]
+    return out
+
+
+class LocalTrainer:
+    def __init__(self, slot: AdapterSlot, pad_id: int, settings: TrainSettings, device=None):
+        self.slot = slot
+        self.pad_id = pad_id
+        self.settings = settings
+        self.device = device or next(slot.model.parameters()).device
+
+    def train(self, ds: TokenizedDataset, seed: int, *, frozen: frozenset[str] = frozenset(),
+              prox_mu: float = 0.0, anchor: AdapterState | None = None, steps: int | None = None) -> TrainResult:
+        s = self.settings
+        steps = steps if steps is not None else s.num_steps(len(ds))
+        keys = [k for k in self.slot.keys() if k not in frozen]
+        params = self.slot.trainable(keys)
+        for k, p in self.slot.params.items():
+            p.requires_grad_(k not in frozen)
+        anchor_t = [anchor[k].to(self.device) for k in keys] if prox_mu > 0 and anchor is not None else None
+        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        batches = [collate(ds, idx, self.pad_id, self.device) for idx in batch_indices(len(ds), s.batch_size, steps, seed)]
+        model = self.slot.model
+        model.train()
+        torch.manual_seed(seed)  # dropout masks
+        total_loss, tokens = 0.0, 0
+        t0 = time.perf_counter()
+        for batch in batches:
+            loss = model(**batch).loss
+            if anchor_t is not None:
+                loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor_t))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            opt.step()
+            total_loss += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        elapsed = time.perf_counter() - t0
+        model.eval()
+        return TrainResult(steps=steps, tokens=tokens, loss=total_loss / max(1, steps), step_time_s=elapsed)
