@@ -7,6 +7,12 @@ subprocess and records that process's peak resident set size (``VmHWM`` from
 merging (Python, torch and mira imported). For comparison it also runs a naive merge that
 loads all 8 models into memory and averages them.
 
+Each merge runs twice: with glibc's default allocator, and with
+``MALLOC_MMAP_THRESHOLD_=1048576``, which makes glibc return every freed block of 1 MiB or
+more to the system at once. By default glibc raises its mmap threshold after large blocks
+are freed and then keeps freed tensors' memory in its heap, so the default peak includes
+memory the merge has already released; the second figure is the peak of live tensors.
+
 ``ru_maxrss`` is not used on Linux because it survives ``exec``: a child started by a
 process that once held a lot of memory reports the parent's peak. The models are built in
 a subprocess too, so the parent stays small.
@@ -19,6 +25,7 @@ Results go to ``benchmarks/results/merge_memory.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -111,9 +118,12 @@ def child(spec: dict) -> dict:
     return {"rss_before_merge": before, "peak_rss": peak_rss(), "seconds": seconds}
 
 
-def run(spec: dict) -> dict:
+ALLOCATORS = {"default": {}, "mmap_threshold_1MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+
+
+def run(spec: dict, env: dict[str, str] | None = None) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                         check=False)
+                         check=False, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"{spec.get('method', spec['task'])} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,10 +160,13 @@ def main() -> None:
             "naive-linear": {"parameters": {}},
         }
         results = []
-        for method, extra in runs.items():
-            stats = run({**common, **extra, "method": method, "out": str(root / f"out-{method}")})
+        for (method, extra), (allocator, env) in itertools.product(runs.items(), ALLOCATORS.items()):
+            out_dir = root / f"out-{method}-{allocator}"
+            stats = run({**common, **extra, "method": method, "out": str(out_dir)}, env)
+            shutil.rmtree(out_dir, ignore_errors=True)
             row = {
                 "method": method,
+                "allocator": allocator,
                 "peak_rss_mib": round(stats["peak_rss"] / MB, 1),
                 "rss_before_merge_mib": round(stats["rss_before_merge"] / MB, 1),
                 "merge_memory_mib": round((stats["peak_rss"] - stats["rss_before_merge"]) / MB, 1),
@@ -161,7 +174,7 @@ def main() -> None:
                 "seconds": round(stats["seconds"], 1),
             }
             results.append(row)
-            print(f"{method:>13}: peak RSS {row['peak_rss_mib']:7.1f} MiB = {row['rss_before_merge_mib']:.0f} MiB "
+            print(f"{method:>13} ({allocator:>18}): peak RSS {row['peak_rss_mib']:7.1f} MiB = {row['rss_before_merge_mib']:.0f} MiB "
                   f"before merging + {row['merge_memory_mib']:6.1f} MiB ({row['merge_memory_in_models']:.2f} x one "
                   f"model), "
                   f"{row['seconds']:.1f} s")
@@ -178,7 +191,9 @@ def main() -> None:
             "ties_density": 0.2,
             "runs": results,
             "notes": "peak_rss is VmHWM of a fresh process; merge_memory = peak_rss - rss_before_merge "
-                     "(the process after importing torch and mira). naive-linear loads every model into memory.",
+                     "(the process after importing torch and mira). naive-linear loads every model into memory. "
+                     "allocator mmap_threshold_1MiB: MALLOC_MMAP_THRESHOLD_=1048576, so freed tensors are "
+                     "returned to the system at once (the peak of live tensors).",
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -174,7 +174,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def validate(raw: dict, source: str = "config") -> RunConfig:
     raw = _expand(raw, "")
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"]) or "(root)"
@@ -182,6 +182,22 @@ def validate(raw: dict, source: str = "config") -> RunConfig:
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         raise MiraError(f"{field}: {msg}", where=source) from None
+    _check_names(cfg)
+    return cfg
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """Registered names and algorithm options are checked before anything is loaded."""
+    from mira.data.partition import PARTITIONERS
+    from mira.data.records import SOURCES
+    from mira.federated.strategies import get_strategy
+
+    get_strategy(cfg.algorithm.name).parse_params(cfg.algorithm.params())
+    if cfg.partition.name not in PARTITIONERS:
+        raise MiraError(f"unknown partitioner {cfg.partition.name!r}; choose one of {sorted(PARTITIONERS)}",
+                        where="partition.name")
+    if cfg.data.source not in SOURCES:
+        raise MiraError(f"unknown data source {cfg.data.source!r}; choose one of {sorted(SOURCES)}", where="data.source")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[RunConfig, dict]:

@@ -152,13 +152,13 @@ class Engine:
         sampled = self.sample(rnd)
         keys = self.strategy.wire_keys()
         results: dict[int, FitRes] = {}
-        step_time, tokens, rejected = 0.0, 0, []
+        step_time, tokens, n_steps, rejected = 0.0, 0, 0, []
         if self.strategy.pooled:
             steps = sum(self.trainer.settings.num_steps(len(self.ws.train[c])) for c in sampled)
             ins = self.strategy.configure_fit(0)
             adapter, res = client_fit(self.ws.slot, self.trainer, self.pooled, ins, derive_seed(self.cfg.seed, rnd, 0), steps)
             results[0] = FitRes(adapter, len(self.pooled))
-            step_time, tokens = res.step_time_s, res.tokens
+            step_time, tokens, n_steps = res.step_time_s, res.tokens, res.steps
             progress.client_done()
         else:
             for cid in sampled:
@@ -171,6 +171,7 @@ class Engine:
                                           derive_seed(self.cfg.seed, rnd, cid))
                 step_time += res.step_time_s
                 tokens += res.tokens
+                n_steps += res.steps
                 if self.strategy.exchanges:
                     adapter, nbytes = self._transfer(adapter, keys)
                     self.bytes_up += nbytes
@@ -184,7 +185,7 @@ class Engine:
         info = self.strategy.aggregate_fit(rnd, results)
         round_time = time.perf_counter() - t0
         entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": round_time,
-                 "train_step_time_s": step_time, "train_tokens": tokens, **info}
+                 "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps, **info}
         graphs = getattr(self.strategy, "graphs", None)
         if graphs:
             atomic_save_npy(self.out / "graphs" / f"round_{rnd:04d}.npy", graphs[-1])
@@ -266,6 +267,7 @@ class Engine:
             "train_step_time_s": float(sum(e["train_step_time_s"] for e in self.rounds_log)),
             "round_time_s": float(sum(e["round_time_s"] for e in self.rounds_log)),
             "train_tokens": int(sum(e["train_tokens"] for e in self.rounds_log)),
+            "train_steps": int(sum(e["train_steps"] for e in self.rounds_log)),
         }
         for key in ("rouge_l", "exact_match"):
             if last and key in last[0]:

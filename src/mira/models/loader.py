@@ -23,6 +23,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def quiet_transformers() -> None:
+    """No weight-loading progress bars or deprecation chatter from transformers on our stderr."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+
+
 def set_threads(model) -> None:
     """``MIRA_THREADS`` if set; else one thread for tiny models (<10M parameters), which on a
     shared CPU run several times faster than with several spin-waiting OpenMP threads."""
@@ -40,6 +51,8 @@ def _looks_like_hub_id(path: str) -> bool:
 def load_base(path: str, dtype: str = "float32", device: str = "auto", where: str = "model.path"):
     """Return ``(model, tokenizer)`` with every base parameter frozen and the model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
 
     if path.startswith("builtin:"):
         from mira.models.demo import ensure_demo_model

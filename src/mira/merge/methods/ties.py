@@ -33,16 +33,19 @@ def magnitude_threshold(tau: Tensor, density: float) -> float | None:
     """The ``k``-th largest ``|tau|``, ``k = round(density * n)`` (at least 1); ``None`` keeps everything."""
     if density >= 1.0:
         return None
-    magnitudes = tau.reshape(-1).abs()
-    k = max(1, round(density * magnitudes.numel()))
-    return magnitudes.kthvalue(magnitudes.numel() - k + 1).values.item()
+    magnitudes = tau.detach().reshape(-1).abs().float().numpy()
+    k = max(1, round(density * magnitudes.size))
+    # an in-place selection: unlike torch.kthvalue/topk, no copy and no int64 index buffer
+    magnitudes.partition(magnitudes.size - k)
+    return float(magnitudes[magnitudes.size - k])
 
 
-def trim(tau: Tensor, threshold: float | None) -> Tensor:
-    """Zero the entries of ``tau`` whose magnitude is below ``threshold``."""
+def trim(tau: Tensor, threshold: float | None, in_place: bool = False) -> Tensor:
+    """Zero the entries of ``tau`` whose magnitude is below ``threshold`` (in ``tau`` itself if ``in_place``)."""
     if threshold is None:
         return tau
-    return torch.where(tau.abs() >= threshold, tau, 0.0)
+    below = tau.abs() < threshold
+    return tau.masked_fill_(below, 0.0) if in_place else tau.masked_fill(below, 0.0)
 
 
 def trim_to_density(tau: Tensor, density: float) -> Tensor:
@@ -61,14 +64,14 @@ def disjoint_merge(taus: Iterable[Tensor], weights: Sequence[float], sign: Tenso
     total = torch.zeros_like(sign)
     weight_sum = torch.zeros_like(sign) if normalize else None
     for tau, weight in zip(taus, weights, strict=True):
-        agrees = torch.sign(tau) == sign  # zero entries never agree
+        agrees = tau * sign > 0  # zero entries never agree
         total.add_(torch.where(agrees, tau, 0.0), alpha=weight)
         if weight_sum is not None:
-            weight_sum.add_(agrees.to(weight_sum.dtype), alpha=weight)
+            weight_sum.add_(agrees, alpha=weight)
     if weight_sum is None:
         return total
-    nonzero = weight_sum != 0
-    return torch.where(nonzero, total / torch.where(nonzero, weight_sum, 1.0), 0.0)
+    # where no model agrees the total is 0 too; dividing those entries by 1 leaves them 0
+    return total.div_(weight_sum.masked_fill_(weight_sum == 0, 1.0))
 
 
 @register_method
@@ -83,13 +86,15 @@ class TiesMerge(MergeMethod):
     def merge_tensor(self, tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor | None,
                      params: MergeParams) -> Tensor:
         thresholds: list[float | None] = []
+        own = base is not None  # then every tau = theta - base is a new tensor, trimmed in place
 
         def trimmed_first_pass() -> Iterator[Tensor]:
             for i, tau in enumerate(task_vectors(tensors, base)):
                 thresholds.append(magnitude_threshold(tau, params.density(i)))
-                yield trim(tau, thresholds[-1])
+                yield trim(tau, thresholds[-1], in_place=own)
 
         sign = elect_sign(trimmed_first_pass(), weights)
-        trimmed = (trim(tau, threshold) for tau, threshold in zip(task_vectors(tensors, base), thresholds))
+        trimmed = (trim(tau, threshold, in_place=own)
+                   for tau, threshold in zip(task_vectors(tensors, base), thresholds))
         delta = disjoint_merge(trimmed, weights, sign, normalize=params.normalize is not False)
         return apply_to_base(delta, base, params.lam)

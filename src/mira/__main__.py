@@ -1,0 +1,3 @@
+from mira.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,163 @@
+"""The SuperNode side: one client's data and the model it trains, built in the ClientApp.
+
+A SuperNode says which client it is through Flower's node configuration::
+
+    flower-supernode ... --node-config "partition-id=0 num-partitions=3"
+    flower-supernode ... --node-config "partition-id=0 num-partitions=3 data-path='/data/client0.jsonl'"
+
+* ``partition-id`` / ``num-partitions``: the node is mira client ``partition-id`` of
+  ``num-partitions``. Without ``data-path`` it derives its partition from the run's
+  data section exactly as ``mira run`` does (same records, partitioner and seed) and
+  keeps only its own share: the usual way to emulate a federation on one dataset.
+* ``data-path``: the node's own records (a file in the format of ``data.source``; the
+  run's field map and max length apply). They are split into train/test with the
+  run's ``partition.test_size``/``test_fraction``; no other client's data is needed.
+
+Only counts (``n_train``/``n_test``), adapter tensors and losses leave the node.
+
+Flower starts a new ClientApp process for every message, so ``hello`` (answered for
+every new node) imports nothing heavy; ``fit``/``evaluate`` load the model each time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from mira.config import PartitionConfig, RunConfig, load_config
+from mira.data.partition import ClientData, partition
+from mira.data.records import load_records
+from mira.errors import MiraError
+
+UNSUPPORTED = "the Flower runtime supports the strategies {names}; {name!r} {why}"
+
+
+@dataclass
+class NodeSpec:
+    partition_id: int
+    num_partitions: int
+    data_path: str | None = None
+
+
+def node_spec(node_config: Mapping[str, Any]) -> NodeSpec:
+    """Read and check ``partition-id``, ``num-partitions`` and ``data-path``."""
+    known = {"partition-id", "num-partitions", "data-path"}
+    extra = sorted(set(node_config) - known)
+    if extra:
+        raise MiraError(f"unknown node-config keys {extra}; expected {sorted(known)}", where="--node-config")
+    try:
+        pid, k = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as e:
+        raise MiraError(f"missing {e.args[0]} (e.g. --node-config \"partition-id=0 num-partitions=3\")",
+                        where="--node-config") from None
+    except (TypeError, ValueError):
+        raise MiraError("partition-id and num-partitions must be integers", where="--node-config") from None
+    if k < 1 or not 0 <= pid < k:
+        raise MiraError(f"partition-id={pid} must be in [0, num-partitions={k})", where="--node-config")
+    path = node_config.get("data-path")
+    return NodeSpec(pid, k, str(path) if path else None)
+
+
+def run_config_of(run_config: Mapping[str, Any]) -> RunConfig:
+    """The run's mira config, shipped in the Flower run config (``mira-config``, YAML text)."""
+    import tempfile
+    from pathlib import Path
+
+    text = run_config.get("mira-config")
+    if not isinstance(text, str) or not text.strip():
+        raise MiraError("the Flower run config has no 'mira-config' (start runs with `mira flower run`)")
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "mira.yaml"
+        p.write_text(text)
+        cfg, _ = load_config(p)
+    return cfg
+
+
+def load_client_data(cfg: RunConfig, spec: NodeSpec) -> ClientData:
+    """This node's records: its partition of the run's data, or its own ``data-path``."""
+    if cfg.refine is not None:
+        raise MiraError("refine hooks are not supported on the Flower runtime yet", where="refine")
+    if spec.data_path:
+        data = cfg.data.model_copy(update={"path": spec.data_path})
+        records = load_records(data, seed=cfg.data.seed)
+        p = cfg.partition
+        split = PartitionConfig(name="iid", num_clients=1, test_fraction=p.test_fraction, test_size=p.test_size)
+        (own,) = partition(records, split, seed=cfg.seed, min_train=1)
+        return ClientData(spec.partition_id, own.task, own.train, own.test)
+    records = load_records(cfg.data, seed=cfg.data.seed)
+    clients = partition(records, cfg.partition, seed=cfg.seed, min_train=1)
+    if len(clients) != spec.num_partitions:
+        raise MiraError(f"the run's data and partition give {len(clients)} clients but this node was started with "
+                        f"num-partitions={spec.num_partitions}", where="--node-config")
+    return clients[spec.partition_id]
+
+
+def hello_info(cfg: RunConfig, spec: NodeSpec) -> dict:
+    c = load_client_data(cfg, spec)
+    return {"partition_id": spec.partition_id, "num_partitions": spec.num_partitions, "task": c.task,
+            "n_train": len(c.train), "n_test": len(c.test)}
+
+
+def load_slot(cfg: RunConfig):
+    """The base model with its LoRA slot, initialised exactly as ``Workspace.load`` does
+    (same seed, so every party holds the same initial adapter). Returns ``(tokenizer, slot)``."""
+    from mira.models.adapters import AdapterSlot, lora_settings_to_peft
+    from mira.models.loader import load_base
+
+    base, tokenizer = load_base(cfg.model.path, cfg.model.dtype, cfg.model.device)
+    lora = lora_settings_to_peft(base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    return tokenizer, AdapterSlot.attach(base, lora, seed=cfg.seed)
+
+
+class NodeRuntime:
+    """Model, LoRA slot, trainer and this client's tokenised splits (one ClientApp call)."""
+
+    def __init__(self, cfg: RunConfig, spec: NodeSpec):
+        from mira.data.prompts import tokenize_records
+        from mira.federated.engine import train_settings
+        from mira.federated.wire import WireCodec
+        from mira.train.trainer import LocalTrainer
+
+        self.cfg, self.spec = cfg, spec
+        self.client = load_client_data(cfg, spec)
+        self.tokenizer, self.slot = load_slot(cfg)
+        ml = cfg.data.max_length
+        self.train = tokenize_records(self.client.train, self.tokenizer, ml)
+        self.test = tokenize_records(self.client.test, self.tokenizer, ml)
+        self.trainer = LocalTrainer(self.slot, self.tokenizer.pad_token_id, train_settings(cfg))
+        self.codec = WireCodec(self.slot.initial_state, cfg.federation.wire_dtype)
+        self.lossless = WireCodec(self.slot.initial_state, "float32")
+        self.keys = self.slot.keys()
+
+    def wire_keys(self, keys: list[str]) -> list[str]:
+        """The keys the server sent (an empty list means all of them, in the model's order)."""
+        return list(keys) if keys else list(self.keys)
+
+    def fit(self, task) -> tuple[bytes, dict]:
+        from mira.federated.client import client_fit
+        from mira.federated.strategies.base import FitIns
+
+        keys = self.wire_keys(task.keys)
+        codec = self.lossless if task.lossless else self.codec
+        adapter = codec.decode(task.buf, keys)
+        ins = FitIns(adapter=adapter, frozen=frozenset(task.frozen), prox_mu=task.prox_mu)
+        new, res = client_fit(self.slot, self.trainer, self.train, ins, task.seed)
+        buf = codec.encode(new, keys)
+        return buf, {"n_train": len(self.train), "train_loss": float(res.loss), "steps": int(res.steps),
+                     "tokens": int(res.tokens), "step_time_s": float(res.step_time_s)}
+
+    def evaluate(self, bufs: list[bytes], own: int) -> tuple[list[float], int, dict]:
+        from mira.eval.metrics import eval_loss, generate, generation_metrics
+
+        ev = self.cfg.eval
+        pad = self.tokenizer.pad_token_id
+        losses, tokens, extra = [], 0, {}
+        for i, buf in enumerate(bufs):
+            adapter = self.lossless.decode(buf, self.keys)
+            self.slot.set(adapter)
+            loss, tokens = eval_loss(self.slot.model, self.test, pad, ev.batch_size)
+            losses.append(loss)
+            if i == own and ev.generation:
+                preds = generate(self.slot.model, self.tokenizer, self.test, ev.max_new_tokens, ev.max_examples)
+                refs = [r.output for r in self.test.records[: len(preds)]]
+                extra.update(generation_metrics(preds, refs))
+        return losses, tokens, extra

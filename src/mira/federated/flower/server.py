@@ -1,0 +1,412 @@
+"""The server side of a Flower run: the in-process ``Engine`` with its two data-touching
+steps (training and evaluation) replaced by messages to SuperNodes.
+
+``FlowerEngine`` subclasses ``mira.federated.engine.Engine`` and keeps everything else:
+client sampling, seeds ``derive_seed(seed, round, client)``, the strategy calls
+(``configure_fit`` -> ``aggregate_fit``), NaN rejection, checkpoints, resume and the
+run directory (``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``rounds.json``,
+``adapters/client_<id>/``, ``graph.npy``, plots). The server holds the base model (to
+know the shared LoRA initialisation and to write PEFT adapters) but no data: its
+``Workspace`` has only each client's id, task and sizes, reported by the nodes.
+
+``Fleet`` is the transport: it maps Flower node ids to mira client ids (a ``hello``
+query to every new node), sends one message per client (MIRA is personalised: each
+client gets its own adapter), and waits for replies under ``RunSettings``' deadlines.
+A client that does not answer (node gone, ClientApp error, deadline) is left out of the
+round; the strategy keeps its last adapter. If fewer than ``federation.min_clients``
+of the sampled clients answer, the run stops with an error; the last checkpoint stays
+and ``resume`` continues from it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from flwr.app import Message, RecordDict
+
+from mira.errors import MiraError
+from mira.federated.flower.protocol import (MSG_EVAL, MSG_FIT, MSG_HELLO, FitTask, NodeInfo, eval_content,
+                                            fit_content, parse_eval_reply, parse_fit_reply, parse_hello,
+                                            payload_bytes)
+from mira.federated.flower.settings import RunSettings
+
+
+def say(msg: str) -> None:
+    print(f"[mira] {msg}", flush=True)
+
+
+@dataclass
+class Reply:
+    cid: int
+    content: RecordDict | None
+    error: str | None
+    bytes_down: int  # Flower payload of the message to the node
+    bytes_up: int  # ... and of its reply
+
+
+def _error_text(msg: Message) -> str:
+    err = msg.error
+    return f"Flower error {err.code}: {err.reason}"
+
+
+class Fleet:
+    """Flower node ids <-> mira client ids, and one request/reply exchange per round."""
+
+    def __init__(self, grid, settings: RunSettings, log: Callable[[str], None] = say):
+        self.grid, self.s, self.log = grid, settings, log
+        self.nodes: dict[int, NodeInfo] = {}  # node id -> what it said in hello
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.bad: dict[int, str] = {}  # node id -> why it is not used
+        self.k: int | None = None
+        self.hello_bytes = 0
+
+    def online(self) -> set[int]:
+        return set(self.grid.get_node_ids())
+
+    def _ttl(self, fallback: float) -> float:
+        return float(self.s.round_timeout or fallback)
+
+    def _add(self, info: NodeInfo) -> None:
+        if self.k is None:
+            self.k = info.num_partitions
+        if info.num_partitions != self.k:
+            self.bad[info.node_id] = f"num-partitions={info.num_partitions}, others say {self.k}"
+            self.log(f"node {info.node_id} ignored: {self.bad[info.node_id]}")
+            return
+        old = self.node_of.get(info.partition_id)
+        if old is not None and old != info.node_id:
+            self.log(f"client {info.partition_id} is now node {info.node_id} (was node {old})")
+        self.nodes[info.node_id] = info
+        self.node_of[info.partition_id] = info.node_id
+
+    def complete(self) -> bool:
+        return self.k is not None and all(c in self.node_of for c in range(self.k))
+
+    def _hello(self, node_ids: list[int], wait: float) -> None:
+        """Ask ``node_ids`` who they are; wait up to ``wait`` seconds for the answers."""
+        msgs = {n: Message(RecordDict(), dst_node_id=n, message_type=MSG_HELLO, group_id="hello",
+                           ttl=max(wait, 60.0)) for n in node_ids}
+        for n, rep in self._push_pull(msgs, timeout=wait, min_ok=len(msgs), straggler=-1, watch=False).items():
+            if isinstance(rep, str):
+                self.log(f"node {n} did not answer hello ({rep}); will ask again")
+                continue
+            self.hello_bytes += payload_bytes(msgs[n]) + payload_bytes(rep)
+            if rep.has_error():
+                self.bad[n] = _error_text(rep)
+                self.log(f"node {n} refused: {self.bad[n]}")
+            else:
+                try:
+                    self._add(parse_hello(n, rep.content))
+                except (KeyError, TypeError, ValueError) as e:
+                    self.bad[n] = f"malformed hello: {e}"
+
+    def discover(self) -> list[NodeInfo]:
+        """Wait (``node_wait``) until every client id 0..K-1 has a node; K comes from the nodes."""
+        t0 = time.monotonic()
+        while True:
+            new = sorted(self.online() - set(self.nodes) - set(self.bad))
+            if new:
+                self._hello(new, wait=min(120.0, self.s.node_wait))
+            if self.complete():
+                break
+            waited = time.monotonic() - t0
+            if waited > self.s.node_wait:
+                missing = [c for c in range(self.k)] if self.k else []
+                missing = [c for c in missing if c not in self.node_of]
+                bad = "; ".join(f"node {n}: {r}" for n, r in self.bad.items())
+                what = f"clients {missing} have no SuperNode" if self.k else "no SuperNode answered"
+                raise MiraError(f"after {waited:.0f}s {what}" + (f" ({bad})" if bad else ""), where="node-wait")
+            time.sleep(max(self.s.poll, 1.0))
+        self.log(f"{self.k} clients: " + ", ".join(f"{c}->node {self.node_of[c]} ({self.nodes[self.node_of[c]].task})"
+                                                   for c in range(self.k)))
+        return [self.nodes[self.node_of[c]] for c in range(self.k)]
+
+    def refresh(self) -> None:
+        """Greet nodes that joined since the last round (e.g. a restarted SuperNode)."""
+        new = sorted(self.online() - set(self.nodes) - set(self.bad))
+        if new:
+            self._hello(new, wait=min(60.0, self.s.node_wait))
+
+    def _push_pull(self, msgs: dict, timeout: float, min_ok: int, straggler: float,
+                   watch: bool) -> dict:
+        """Push ``msgs`` (key -> Message), pull replies until all are in or a deadline passes.
+
+        Returns key -> reply ``Message`` or a string saying why there is none."""
+        keys = list(msgs)
+        out: dict = {}
+        pending: dict[str, object] = {}
+        if keys:
+            ids = list(self.grid.push_messages([msgs[k] for k in keys]))
+            for k, mid in zip(keys, ids):
+                if mid:
+                    pending[mid] = k
+                else:
+                    out[k] = "the SuperLink did not accept the message"
+        t0 = last_check = time.monotonic()
+        quorum_at = None
+        reason = ""
+        while pending:
+            for rep in self.grid.pull_messages(list(pending)):
+                k = pending.pop(rep.metadata.reply_to_message_id, None)
+                if k is not None:
+                    out[k] = rep
+            if not pending:
+                break
+            now = time.monotonic()
+            ok = sum(1 for v in out.values() if isinstance(v, Message) and not v.has_error())
+            if straggler >= 0 and ok >= min_ok:
+                quorum_at = quorum_at if quorum_at is not None else now
+                if now - quorum_at >= straggler:
+                    reason = f"no reply {straggler:g}s after {ok} clients had replied (straggler-timeout)"
+                    break
+            if timeout and now - t0 >= timeout:
+                reason = f"no reply within {timeout:g}s (round-timeout)"
+                break
+            if watch and now - last_check >= 5.0:
+                last_check = now
+                online = self.online()
+                for mid, k in list(pending.items()):
+                    if msgs[k].metadata.dst_node_id not in online:
+                        out[k] = "its SuperNode went offline"
+                        del pending[mid]
+            time.sleep(self.s.poll)
+        for k in pending.values():
+            out[k] = reason
+        return out
+
+    def exchange(self, msg_type: str, contents: dict[int, RecordDict], group: str, min_ok: int) -> dict[int, Reply]:
+        """Send ``contents[cid]`` to client ``cid``'s node; collect the replies."""
+        online = self.online()
+        msgs, out = {}, {}
+        for cid, content in contents.items():
+            node = self.node_of.get(cid)
+            if node is None or node not in online:
+                out[cid] = Reply(cid, None, "its SuperNode is not connected", 0, 0)
+                continue
+            msgs[cid] = Message(content, dst_node_id=node, message_type=msg_type, group_id=group,
+                                ttl=self._ttl(12 * 3600.0))
+        sent = {cid: payload_bytes(m) for cid, m in msgs.items()}
+        replies = self._push_pull(msgs, timeout=self.s.round_timeout, min_ok=min_ok,
+                                  straggler=self.s.straggler_timeout, watch=True)
+        for cid, rep in replies.items():
+            if isinstance(rep, str):
+                out[cid] = Reply(cid, None, rep, sent[cid], 0)
+            elif rep.has_error():
+                out[cid] = Reply(cid, None, _error_text(rep), sent[cid], payload_bytes(rep))
+            else:
+                out[cid] = Reply(cid, rep.content, None, sent[cid], payload_bytes(rep))
+        return out
+
+
+class _Count:
+    """Stands in for a client's dataset on the server: only its size is known."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def remote_workspace(cfg, tokenizer, slot, infos: list[NodeInfo]):
+    """A ``Workspace`` without data: client ids, tasks and sizes as the nodes reported them."""
+    from mira.data.partition import ClientData
+    from mira.federated.engine import Workspace
+
+    clients = [ClientData(i.partition_id, i.task, [], []) for i in infos]
+    return Workspace(cfg, slot.model, tokenizer, slot, clients, [_Count(i.n_train) for i in infos],
+                     [_Count(i.n_test) for i in infos], None)
+
+
+def _engine_class():
+    from mira.federated.engine import Engine, derive_seed
+    from mira.federated.strategies import FitRes
+    from mira.federated.wire import WireCodec, WireError
+    from mira.models.adapters import all_finite
+
+    class FlowerEngine(Engine):
+        """``Engine`` whose clients are SuperNodes (see the module docstring)."""
+
+        def __init__(self, ws, cfg, out_dir, fleet: Fleet, settings: RunSettings):
+            super().__init__(ws, cfg, out_dir, quiet=True)
+            self.fleet, self.settings = fleet, settings
+            self.lossless = WireCodec(ws.slot.initial_state, "float32")
+            self.failed: list[dict] = []
+            self.flower = {"fit_bytes_down": 0, "fit_bytes_up": 0, "fit_messages": 0,
+                           "eval_bytes_down": 0, "eval_bytes_up": 0, "eval_messages": 0}
+            self._entry: dict = {}
+
+        # -- checkpoint: the engine's state plus the Flower counters --------------------
+        def state(self) -> dict:
+            return {**super().state(), "flower": dict(self.flower), "failed": list(self.failed)}
+
+        def load_state(self, s: dict) -> None:
+            super().load_state(s)
+            self.flower.update(s.get("flower", {}))
+            self.failed = list(s.get("failed", []))
+
+        def _count(self, kind: str, replies: dict[int, Reply]) -> None:
+            for r in replies.values():
+                self.flower[f"{kind}_bytes_down"] += r.bytes_down
+                self.flower[f"{kind}_bytes_up"] += r.bytes_up
+                self.flower[f"{kind}_messages"] += 1 if r.bytes_down else 0
+
+        # -- one round: configure_fit -> SuperNodes -> aggregate_fit ----------------------
+        def run_round(self, rnd: int, progress) -> dict:
+            t0 = time.perf_counter()
+            self.fleet.refresh()
+            sampled = self.sample(rnd)
+            keys = self.strategy.wire_keys()
+            all_keys = self.ws.slot.keys()
+            exchanges = self.strategy.exchanges
+            codec = self.codec if exchanges else self.lossless
+            contents = {}
+            for cid in sampled:
+                ins = self.strategy.configure_fit(cid)
+                buf = codec.encode(ins.adapter, keys)
+                if exchanges:
+                    self.bytes_down += len(buf)
+                contents[cid] = fit_content(FitTask(buf, rnd, derive_seed(self.cfg.seed, rnd, cid), ins.prox_mu,
+                                                    sorted(ins.frozen), [] if keys == all_keys else keys,
+                                                    lossless=not exchanges))
+            replies = self.fleet.exchange(MSG_FIT, contents, group=f"fit-{rnd}",
+                                          min_ok=self.cfg.federation.min_clients)
+            self._count("fit", replies)
+            results, rejected, failed = {}, [], []
+            step_time, tokens, n_steps, up = 0.0, 0, 0, {}
+            for cid in sampled:
+                r = replies[cid]
+                try:
+                    if r.error:
+                        raise ValueError(r.error)
+                    buf, m = parse_fit_reply(r.content)
+                    adapter = codec.decode(buf, keys)
+                except (KeyError, TypeError, ValueError, WireError) as e:
+                    failed.append(cid)
+                    self.failed.append({"round": rnd, "client": cid, "reason": str(e)})
+                    say(f"round {rnd}: client {cid} left out: {e}")
+                    continue
+                if exchanges:
+                    self.bytes_up += len(buf)
+                up[cid] = r.bytes_up
+                step_time += float(m.get("step_time_s", 0.0))
+                tokens += int(m.get("tokens", 0))
+                n_steps += int(m.get("steps", 0))
+                if not all_finite(adapter):
+                    say(f"round {rnd}: client {cid} sent NaN/Inf values; update rejected")
+                    rejected.append(cid)
+                    self.rejected.append({"round": rnd, "client": cid})
+                else:
+                    results[cid] = FitRes(adapter, int(m["n_train"]), {"train_loss": float(m["train_loss"])})
+                progress.client_done()
+            replied = len(sampled) - len(failed)
+            need = self.cfg.federation.min_clients
+            if replied < need:
+                raise MiraError(f"round {rnd}: {replied} of {len(sampled)} sampled clients replied, fewer than "
+                                f"federation.min_clients={need}; the run stops at round {rnd - 1} (resume continues "
+                                f"from its checkpoint)", where="federation.min_clients")
+            info = self.strategy.aggregate_fit(rnd, results)
+            entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": time.perf_counter() - t0,
+                     "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps, **info,
+                     "failed": failed,
+                     "flower_bytes_down": {str(c): replies[c].bytes_down for c in sampled},
+                     "flower_bytes_up": {str(c): b for c, b in up.items()}}
+            graphs = getattr(self.strategy, "graphs", None)
+            if graphs:
+                from mira.io import atomic_save_npy
+
+                atomic_save_npy(self.out / "graphs" / f"round_{rnd:04d}.npy", graphs[-1])
+            say(f"round {rnd}: {len(results)}/{len(sampled)} updates aggregated in {entry['round_time_s']:.1f}s"
+                + (f", left out {failed}" if failed else ""))
+            self._entry = entry
+            return entry
+
+        # -- evaluation on the nodes --------------------------------------------------------
+        def evaluate(self, rnd: int) -> list[dict]:
+            adapters, index, own = [], {}, {}
+            for c in self.ws.clients:
+                a = self.strategy.adapter_for(c.id)
+                if id(a) not in index:
+                    index[id(a)] = len(adapters)
+                    adapters.append(a)
+                own[c.id] = index[id(a)]
+            keys = self.ws.slot.keys()
+            bufs = [self.lossless.encode(a, keys) for a in adapters]
+            contents = {c.id: eval_content(bufs, own[c.id], rnd) for c in self.ws.clients}
+            replies = self.fleet.exchange(MSG_EVAL, contents, group=f"eval-{rnd}", min_ok=1)
+            self._count("eval", replies)
+            per_node, failed = {}, []
+            for c in self.ws.clients:
+                r = replies[c.id]
+                try:
+                    if r.error:
+                        raise ValueError(r.error)
+                    m = parse_eval_reply(r.content)
+                    if len(m["losses"]) != len(adapters):
+                        raise ValueError(f"{len(m['losses'])} losses for {len(adapters)} adapters")
+                    per_node[c.id] = m
+                except (KeyError, TypeError, ValueError) as e:
+                    failed.append(c.id)
+                    say(f"round {rnd}: client {c.id} not evaluated: {e}")
+            if not per_node:
+                raise MiraError(f"round {rnd}: no SuperNode answered the evaluation")
+            weight = {j: int(m["tokens"]) for j, m in per_node.items() if int(m["tokens"]) > 0}
+            rows = []
+            for c in self.ws.clients:
+                if c.id not in per_node:
+                    continue
+                m, i = per_node[c.id], own[c.id]
+                total = sum(weight.values())
+                glob = sum(per_node[j]["losses"][i] * w for j, w in weight.items()) / total if total else float("nan")
+                row = {"round": rnd, "client": c.id, "task": c.task, "local_loss": float(m["losses"][i]),
+                       "global_loss": float(glob), "n_train": len(self.ws.train[c.id]),
+                       "n_test": len(self.ws.test[c.id])}
+                for key in ("rouge_l", "exact_match"):
+                    if key in m:
+                        row[key] = float(m[key])
+                rows.append(row)
+            if self._entry.get("round") == rnd:
+                self._entry["eval_failed"] = failed
+            return rows
+
+        def finish(self) -> dict:
+            from mira.io import atomic_write_json
+
+            summary = super().finish()
+            summary["runtime"] = "flower"
+            summary["flower"] = {**self.flower, "hello_bytes": self.fleet.hello_bytes,
+                                 "failed_updates": self.failed,
+                                 "nodes": {str(c): n for c, n in sorted(self.fleet.node_of.items())}}
+            atomic_write_json(self.out / "summary.json", summary)
+            return summary
+
+    return FlowerEngine
+
+
+def run_server(grid, run_config) -> dict:
+    """The ServerApp's body: discover the nodes, then run the engine over them."""
+    from pathlib import Path
+
+    from mira.federated.flower.node import load_slot, run_config_of
+    from mira.federated.strategies import get_strategy
+
+    settings = RunSettings.from_run_config(run_config)
+    cfg = run_config_of(run_config)
+    cls = get_strategy(cfg.algorithm.name)
+    if cls.pooled:
+        raise MiraError(f"{cfg.algorithm.name!r} trains on the pooled data of all clients, which a federation "
+                        "never gathers; run it with `mira run`", where="algorithm.name")
+    if cfg.refine is not None:
+        raise MiraError("refine hooks are not supported on the Flower runtime yet", where="refine")
+    out = Path(settings.out_dir)
+    say(f"{cfg.algorithm.name}: {cfg.federation.rounds} rounds, run directory {out}")
+    fleet = Fleet(grid, settings)
+    infos = fleet.discover()
+    tokenizer, slot = load_slot(cfg)
+    ws = remote_workspace(cfg, tokenizer, slot, infos)
+    engine = _engine_class()(ws, cfg, out, fleet, settings)
+    summary = engine.run(resume=settings.resume)
+    say(f"done: mean local test loss {summary['mean_local_test_loss']:.4f}, "
+        f"bytes up {summary['bytes_up']:,}, down {summary['bytes_down']:,}; written to {out}")
+    return summary

@@ -1,0 +1,237 @@
+"""The experiment's two models: a larger target and a smaller proxy with one tokenizer.
+
+Both start from one small pretrained Llama (stories260K: hidden 64, 5 layers, vocabulary
+512, trained on TinyStories), so they share its tokenizer exactly:
+
+* **target**: ``grow_llama`` makes a deeper model with wider MLPs that computes *exactly*
+  the source's function at first. Source layer ``i`` goes to slot ``round(i * L / 5)``;
+  the other slots are copies of the previous source layer whose output projections
+  (``o_proj`` and ``down_proj``) are zero, so they add nothing to the residual stream;
+  extra MLP units get random input weights and zero output weights. Then every parameter
+  is pre-trained on TinyStories text plus general instruction data (Dolly).
+* **proxy**: the source model itself, given a shorter pass of the same pre-training, so
+  that it too knows the instruction format. It is strictly smaller than the target.
+
+``build_models`` writes ``OUT/target``, ``OUT/proxy`` (Hugging Face folders with the
+tokenizer) and ``OUT/build.json`` (sizes, steps, seconds, held-out losses before/after).
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from mira.data.prompts import TokenizedDataset, collate, tokenize_records
+from mira.data.records import Record
+from mira.errors import MiraError
+from mira.io import atomic_write_json
+from mira.train.trainer import batch_indices
+
+Log = Callable[[str], None]
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- growing a model without changing its function ------------------------------------------
+def grow_llama(src, layers: int, intermediate_size: int, seed: int = 0):
+    """A ``layers``-deep copy of the Llama ``src`` with MLP width ``intermediate_size`` and the same outputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_src = src.config.num_hidden_layers
+    width_src = src.config.intermediate_size
+    if layers < n_src or intermediate_size < width_src:
+        raise MiraError(f"the target must be at least as large as the source ({n_src} layers, MLP {width_src}); "
+                        f"got {layers} layers, MLP {intermediate_size}", where="target size")
+    cfg = LlamaConfig(**{**src.config.to_dict(), "num_hidden_layers": layers, "intermediate_size": intermediate_size})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    slot_of = {round(i * layers / n_src): i for i in range(n_src)}
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(src.model.embed_tokens.weight)
+        model.model.norm.weight.copy_(src.model.norm.weight)
+        if not cfg.tie_word_embeddings:
+            model.lm_head.weight.copy_(src.lm_head.weight)
+        source = 0
+        for slot, layer in enumerate(model.model.layers):
+            source = slot_of.get(slot, source)
+            old = src.model.layers[source]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).weight.copy_(getattr(old.self_attn, name).weight)
+            layer.input_layernorm.weight.copy_(old.input_layernorm.weight)
+            layer.post_attention_layernorm.weight.copy_(old.post_attention_layernorm.weight)
+            layer.mlp.gate_proj.weight[:width_src].copy_(old.mlp.gate_proj.weight)
+            layer.mlp.up_proj.weight[:width_src].copy_(old.mlp.up_proj.weight)
+            layer.mlp.down_proj.weight.zero_()
+            if slot in slot_of:  # a source layer: its own MLP, extra units silent
+                layer.mlp.down_proj.weight[:, :width_src].copy_(old.mlp.down_proj.weight)
+            else:  # a new layer: the identity on the residual stream
+                layer.self_attn.o_proj.weight.zero_()
+    return model.eval()
+
+
+# -- pre-training data ------------------------------------------------------------------------
+def read_stories(path: str | Path) -> list[str]:
+    """TinyStories text: stories separated by blank lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise MiraError(f"not found: {path}", where="--stories")
+    return [s.strip() for s in p.read_text(encoding="utf-8").split("\n\n") if s.strip()]
+
+
+def text_dataset(texts: list[str], tokenizer, max_length: int) -> TokenizedDataset:
+    """Plain language modelling: ``BOS text EOS``, loss on every token, cut at ``max_length``."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ds = TokenizedDataset([], [], [], [])
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = (bos + ids + eos)[:max_length]
+        ds.input_ids.append(ids)
+        ds.labels.append(list(ids))
+        ds.prompt_lens.append(0)
+    return ds
+
+
+def load_dolly(path: str | Path, exclude: tuple[str, ...] = ()) -> list[Record]:
+    from mira.config import DataConfig
+    from mira.data.records import load_records
+
+    records = load_records(DataConfig(source="dolly", path=str(path), max_per_task=None))
+    return [r for r in records if r.task not in set(exclude)]
+
+
+@dataclass
+class PretrainSettings:
+    steps: int
+    lr: float
+    batch_size: int = 8
+    warmup: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pretrain(model, ds: TokenizedDataset, pad_id: int, settings: PretrainSettings, seed: int = 0,
+             log: Optional[Log] = None, name: str = "model") -> list[float]:
+    """Full-parameter AdamW with a one-cycle schedule; returns the per-step losses."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.steps,
+                                                pct_start=settings.warmup)
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step, idx in enumerate(batch_indices(len(ds), settings.batch_size, settings.steps, seed)):
+        loss = model(**collate(ds, idx, pad_id)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log and (step + 1) % max(1, settings.steps // 5) == 0:
+            recent = losses[-max(1, settings.steps // 5):]
+            log(f"pre-training {name}: step {step + 1}/{settings.steps}, loss {sum(recent) / len(recent):.3f}, "
+                f"{time.perf_counter() - t0:.0f}s")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+# -- the whole build ------------------------------------------------------------------------------
+@dataclass
+class BuildSettings:
+    target_layers: int = 10
+    target_intermediate: int = 344
+    target: PretrainSettings = field(default_factory=lambda: PretrainSettings(steps=200, lr=2e-3))
+    proxy: PretrainSettings = field(default_factory=lambda: PretrainSettings(steps=100, lr=1e-3))
+    max_length: int = 256
+    max_stories: int = 2000
+    max_dolly: int = 2000
+    heldout: int = 48  # held-out stories and Dolly records each, for the before/after losses
+    exclude_categories: tuple[str, ...] = ()
+    seed: int = 0
+
+
+def _heldout_losses(model, sets: dict[str, TokenizedDataset], pad_id: int) -> dict[str, float]:
+    from mira.eval.metrics import eval_loss
+
+    return {name: round(eval_loss(model, ds, pad_id)[0], 4) for name, ds in sets.items()}
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: str | Path,
+                 settings: BuildSettings = BuildSettings(), log: Log = print) -> dict:
+    """Build, pre-train and save ``OUT/target`` and ``OUT/proxy``; return (and save) the report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    if not (Path(source_dir) / "config.json").is_file():
+        raise MiraError(f"{source_dir} is not a Hugging Face model folder", where="--source")
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
+
+    rng = random.Random(settings.seed)
+    stories = read_stories(stories_path)
+    dolly = load_dolly(dolly_path, settings.exclude_categories)
+    rng.shuffle(stories)
+    rng.shuffle(dolly)
+    h = settings.heldout
+    heldout = {"stories": text_dataset(stories[:h], tokenizer, settings.max_length),
+               "dolly": tokenize_records(dolly[:h], tokenizer, settings.max_length)}
+    train = TokenizedDataset.concat([text_dataset(stories[h:h + settings.max_stories], tokenizer, settings.max_length),
+                                     tokenize_records(dolly[h:h + settings.max_dolly], tokenizer, settings.max_length)])
+    log(f"pre-training data: {min(len(stories) - h, settings.max_stories)} TinyStories stories + "
+        f"{min(len(dolly) - h, settings.max_dolly)} Dolly records ({sum(len(x) for x in train.input_ids):,} tokens)")
+
+    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    report: dict = {"source": str(source_dir), "settings": asdict(settings),
+                    "train_examples": len(train), "train_tokens": sum(len(x) for x in train.input_ids)}
+    for name in ("target", "proxy"):
+        t0 = time.perf_counter()
+        if name == "target":
+            model = grow_llama(source, settings.target_layers, settings.target_intermediate, seed=settings.seed)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+        before = _heldout_losses(model, heldout, pad_id)
+        pre = getattr(settings, name)
+        losses = pretrain(model, train, pad_id, pre, seed=settings.seed, log=log, name=name)
+        after = _heldout_losses(model, heldout, pad_id)
+        _save(model, tokenizer, out / name)
+        seconds = time.perf_counter() - t0
+        report[name] = {"parameters": num_params(model), "layers": model.config.num_hidden_layers,
+                        "hidden": model.config.hidden_size, "intermediate": model.config.intermediate_size,
+                        "pretrain": pre.to_dict(), "first_loss": round(losses[0], 4),
+                        "last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+                        "heldout_loss_before": before, "heldout_loss_after": after, "seconds": round(seconds, 1)}
+        log(f"{name}: {num_params(model):,} parameters, held-out loss {before} -> {after}, {seconds:.0f}s")
+    if report["proxy"]["parameters"] >= report["target"]["parameters"]:
+        raise MiraError("the proxy must be strictly smaller than the target", where="target size")
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    atomic_write_json(out / "build.json", report)
+    return report

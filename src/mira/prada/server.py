@@ -1,0 +1,243 @@
+"""The black-box provider: a causal LM behind an HTTP API that shares only scores.
+
+``mira serve MODEL_DIR --port P`` runs ``create_app`` under uvicorn in its own process.
+The API (wire format in ``mira.prada.protocol``):
+
+* ``GET /health``: public facts (vocabulary size, context length, limits); no key needed.
+* ``POST /v1/logits``: next-token scores of a batch of prefixes, full-vocabulary logits or
+  only the top-k log-probabilities when the request sets ``top_k``.
+* ``POST /v1/draft``: from one prefix, ``n`` greedy tokens (KV cache, one request) and the
+  scores at each of the ``n`` positions. It stops early after an end-of-sequence token,
+  or when the next position would not fit in the context (``stop`` says which).
+
+Every POST needs ``Authorization: Bearer <key>``; the key comes from an environment
+variable (``MIRA_API_KEY`` by default) and is compared in constant time. Requests are
+bounded: body size (413), batch size, prefix length (at most the model's context),
+``n`` and ``top_k`` (422), token ids in ``[0, vocab_size)`` (422). No weights, configs
+or hidden states are ever returned.
+
+The model runs single-threaded (``MIRA_THREADS``, default 1) and one request at a time:
+FastAPI runs the handlers in a thread pool, so a lock serialises every model call.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from mira.errors import MiraError
+from mira.prada.protocol import (DraftRequest, DraftResponse, Health, LogitsRequest, LogitsResponse,
+                                 encode_scores)
+
+DEFAULT_KEY_ENV = "MIRA_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_batch: int = 16
+    max_draft: int = 64
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_draft", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise MiraError(f"{name} must be at least 1, got {getattr(self, name)}", where=f"--{name.replace('_', '-')}")
+
+
+class RequestError(Exception):
+    """A bad request: becomes ``{"detail": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+class BlackBoxModel:
+    """The served model and its one lock; validates token ids and lengths."""
+
+    def __init__(self, model, limits: ServerLimits):
+        self.model = model
+        self.limits = limits
+        self.vocab_size = int(model.config.vocab_size)
+        self.context_length = int(model.config.max_position_embeddings)
+        self.eos_ids = _eos_ids(model)
+        self.device = next(model.parameters()).device
+        self.lock = threading.Lock()
+
+    def health(self) -> Health:
+        return Health(status="ok", model_type=str(self.model.config.model_type), vocab_size=self.vocab_size,
+                      context_length=self.context_length, eos_token_ids=self.eos_ids,
+                      max_batch=self.limits.max_batch, max_draft=self.limits.max_draft)
+
+    # -- validation --------------------------------------------------------------------
+    def check_prefix(self, prefix: list[int], where: str) -> None:
+        if not prefix:
+            raise RequestError(422, "empty_prefix", f"{where} is empty; send at least one token (e.g. BOS)")
+        if len(prefix) > self.context_length:
+            raise RequestError(422, "context_exceeded",
+                               f"{where} has {len(prefix)} tokens, more than the model's context of "
+                               f"{self.context_length}")
+        bad = next((t for t in prefix if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(422, "unknown_token", f"{where} contains token id {bad}, outside the vocabulary "
+                                                     f"[0, {self.vocab_size})")
+
+    def check_top_k(self, top_k: int | None) -> None:
+        if top_k is not None and not 1 <= top_k <= self.vocab_size:
+            raise RequestError(422, "bad_top_k", f"top_k must be in [1, {self.vocab_size}], got {top_k}")
+
+    # -- model calls (under the lock) -------------------------------------------------------
+    @torch.no_grad()
+    def next_logits(self, prefixes: list[list[int]]) -> torch.Tensor:
+        """``[batch, vocab]`` logits after each prefix (right-padded batch, one forward)."""
+        lengths = [len(p) for p in prefixes]
+        width = max(lengths)
+        ids = torch.zeros(len(prefixes), width, dtype=torch.long)
+        mask = torch.zeros(len(prefixes), width, dtype=torch.long)
+        for row, p in enumerate(prefixes):
+            ids[row, : len(p)] = torch.tensor(p)
+            mask[row, : len(p)] = 1
+        with self.lock:
+            if len(prefixes) == 1:
+                logits = self.model(input_ids=ids.to(self.device)).logits
+            else:
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        last = torch.tensor(lengths) - 1
+        return logits[torch.arange(len(prefixes)), last.to(logits.device)].float().cpu()
+
+    @torch.no_grad()
+    def draft(self, prefix: list[int], n: int) -> tuple[list[int], torch.Tensor, str]:
+        """``n`` greedy tokens after ``prefix`` with the KV cache; ``(tokens, [m, vocab] logits, stop)``."""
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        stop = "length"
+        with self.lock:
+            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+            while True:
+                row = out.logits[0, -1].float().cpu()
+                token = int(row.argmax())
+                tokens.append(token)
+                rows.append(row)
+                if token in self.eos_ids:
+                    stop = "eos"
+                    break
+                if len(tokens) == n:
+                    break
+                if len(prefix) + len(tokens) > self.context_length:  # the next forward would not fit
+                    stop = "context"
+                    break
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device),
+                                 past_key_values=out.past_key_values, use_cache=True)
+        return tokens, torch.stack(rows), stop
+
+
+def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, ids)``: the ``k`` largest log-probabilities of each row, in decreasing order."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return values, ids
+
+
+def create_app(model, api_key: str, limits: ServerLimits = ServerLimits()):
+    """The FastAPI app serving ``model`` (already loaded, frozen, in eval mode)."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    if not api_key:
+        raise MiraError("the API key is empty", where="api key")
+    box = BlackBoxModel(model, limits)
+    app = FastAPI(title="mira black-box LLM", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.box = box
+
+    def error(status: int, code: str, message: str) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"detail": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return error(411, "length_required", "send a Content-Length header")
+            if not length.isdigit() or int(length) > limits.max_body_bytes:
+                return error(413, "body_too_large", f"request body over {limits.max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError):
+        return error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error(422, "invalid_request", f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")))
+
+    def authorized(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise RequestError(401, "unauthorized", "missing or wrong API key")
+
+    @app.get("/health")
+    def health() -> Health:
+        return box.health()
+
+    @app.post("/v1/logits", dependencies=[Depends(authorized)])
+    def logits(req: LogitsRequest) -> LogitsResponse:
+        if not 1 <= len(req.prefixes) <= limits.max_batch:
+            raise RequestError(422, "bad_batch", f"send 1 to {limits.max_batch} prefixes, got {len(req.prefixes)}")
+        for i, prefix in enumerate(req.prefixes):
+            box.check_prefix(prefix, f"prefixes[{i}]")
+        box.check_top_k(req.top_k)
+        values = box.next_logits(req.prefixes)
+        ids = None
+        if req.top_k is not None:
+            values, ids = top_k_logprobs(values, req.top_k)
+        return LogitsResponse(scores=encode_scores(values, ids, req.encoding))
+
+    @app.post("/v1/draft", dependencies=[Depends(authorized)])
+    def draft(req: DraftRequest) -> DraftResponse:
+        box.check_prefix(req.prefix, "prefix")
+        if not 1 <= req.n <= limits.max_draft:
+            raise RequestError(422, "bad_n", f"n must be in [1, {limits.max_draft}], got {req.n}")
+        box.check_top_k(req.top_k)
+        tokens, values, stop = box.draft(req.prefix, req.n)
+        ids = None
+        if req.top_k is not None:
+            values, ids = top_k_logprobs(values, req.top_k)
+        return DraftResponse(tokens=tokens, stop=stop, scores=encode_scores(values, ids, req.encoding))
+
+    return app
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, key_env: str = DEFAULT_KEY_ENV,
+          limits: ServerLimits = ServerLimits(), dtype: str = "float32", log=print) -> None:
+    """Load ``model_dir`` and serve it until interrupted (blocking)."""
+    import uvicorn
+
+    from mira.models.loader import load_base
+
+    api_key = os.environ.get(key_env, "")
+    if not api_key:
+        raise MiraError(f"set the API key in the environment variable {key_env} (clients send it as "
+                        f"'Authorization: Bearer <key>')", where="--api-key-env")
+    if not 0 < port < 65536:
+        raise MiraError(f"port must be in 1..65535, got {port}", where="--port")
+    torch.set_num_threads(int(os.environ.get("MIRA_THREADS", "1")))
+    model, _ = load_base(model_dir, dtype=dtype, device="cpu", where="MODEL_DIR")
+    app = create_app(model, api_key, limits)
+    box: BlackBoxModel = app.state.box
+    log(f"serving {model_dir} ({sum(p.numel() for p in model.parameters()):,} parameters, vocab {box.vocab_size}, "
+        f"context {box.context_length}) on http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, workers=1)

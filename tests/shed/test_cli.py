@@ -1,0 +1,79 @@
+"""``mira refine``: bad input is one line with exit code 2; a small real run writes its outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mira.cli import main
+
+from .conftest import write_jsonl
+
+FAST = ["--embedder", "hashing", "--iterations", "1", "--steps", "2", "--max-length", "48", "--quiet"]
+
+
+def refine(data, out, *extra):
+    return main(["refine", str(data), "--out", str(out), *FAST, *extra])
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.1", "0.0", "abc"])
+def test_budget_outside_range_exit_2(tmp_path, data_file, capsys, budget):
+    assert refine(data_file, tmp_path / "r.jsonl", "--budget", budget) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "budget" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_budget_count_larger_than_data_exit_2(tmp_path, data_file, capsys):
+    assert refine(data_file, tmp_path / "r.jsonl", "--budget", "500") == 2
+    assert "larger than the 108 candidate records" in capsys.readouterr().err
+
+
+def test_more_clusters_than_records_exit_2(tmp_path, data_file, capsys):
+    assert refine(data_file, tmp_path / "r.jsonl", "--clusters", "200") == 2
+    assert "more clusters (200) than candidate records (108)" in capsys.readouterr().err
+
+
+def test_empty_dataset_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert refine(empty, tmp_path / "r.jsonl") == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_records_without_text_exit_2(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Say hi.", "output": "hi"},
+                                               {"instruction": "Say bye.", "output": "   "}] * 5)
+    assert refine(bad, tmp_path / "r.jsonl") == 2
+    assert "record 1 (0-based, in input order) has no output text" in capsys.readouterr().err
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"instruction": "Say hi."}])
+    assert refine(missing, tmp_path / "r.jsonl") == 2
+    assert "missing.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--strategy", "best"], "unknown strategy"),
+    (["--iterations", "0"], "--iterations"),
+    (["--val-fraction", "1.0"], "--val-fraction"),
+    (["--source", "nope"], "unknown data source"),
+])
+def test_other_bad_options_exit_2(tmp_path, data_file, capsys, args, needle):
+    assert refine(data_file, tmp_path / "r.jsonl", *args) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_file_exit_2(tmp_path, capsys):
+    assert refine(tmp_path / "nope.jsonl", tmp_path / "r.jsonl") == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_refine_writes_jsonl_report_and_plot(tmp_path, data_file):
+    out = tmp_path / "o" / "refined.jsonl"
+    assert refine(data_file, out, "--budget", "0.2", "--strategy", "qwcs", "--clusters", "8", "--seed", "3",
+                  "--model", "builtin:demo") == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == round(0.2 * 108)
+    assert set(rows[0]) == {"instruction", "input", "output", "task"}
+    report = json.loads((out.parent / "shed.json").read_text())
+    assert report["budget_count"] == len(rows) and len(report["clusters"]) == 8
+    assert (out.parent / "shed_values.png").stat().st_size > 1000

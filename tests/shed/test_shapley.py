@@ -1,0 +1,108 @@
+"""Monte-Carlo permutation-removal Shapley: exactness on known games, cache, truncation, determinism."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from mira.shed.shapley import CachedValue, monte_carlo_shapley
+
+
+def additive(weights):
+    return lambda s: float(sum(weights[i] for i in s))
+
+
+def exact_shapley(n: int, v) -> np.ndarray:
+    """Exact Shapley values by enumerating all permutations (small n only)."""
+    phi = np.zeros(n)
+    for perm in itertools.permutations(range(n)):
+        s: set[int] = set()
+        for p in perm:
+            before = v(frozenset(s))
+            s.add(p)
+            phi[p] += v(frozenset(s)) - before
+    return phi / math.factorial(n)
+
+
+@pytest.mark.parametrize("credit", ["group", "split"])
+def test_additive_game_recovered_exactly(credit):
+    w = np.random.default_rng(0).normal(size=17)
+    res = monte_carlo_shapley(17, additive(w), iterations=4, group_size=1, seed=3, credit=credit)
+    np.testing.assert_allclose(res.values, w, atol=1e-12)
+    np.testing.assert_allclose(res.credits, np.tile(w, (4, 1)), atol=1e-12)  # every permutation is exact
+    assert res.v_empty == 0.0 and res.v_full == pytest.approx(w.sum())
+
+
+def test_matches_exact_shapley_on_a_non_additive_game():
+    w = np.array([1.0, 2.0, 0.5, -1.0, 3.0])
+
+    def v(s):  # diminishing returns plus an interaction between players 0 and 4
+        base = sum(w[i] for i in s)
+        return math.sqrt(abs(base)) * np.sign(base) + (2.0 if {0, 4} <= s else 0.0)
+
+    exact = exact_shapley(5, v)
+    est = monte_carlo_shapley(5, v, iterations=3000, group_size=1, seed=0)
+    np.testing.assert_allclose(est.values, exact, atol=0.05)
+    assert est.evaluations <= 2 ** 5  # the cache makes repeated coalitions free
+
+
+def test_split_credit_is_efficient_per_iteration_with_groups():
+    w = np.random.default_rng(1).normal(size=23)
+    v = lambda s: float(np.tanh(sum(w[i] for i in s)))  # noqa: E731 - not additive
+    res = monte_carlo_shapley(23, v, iterations=5, group_size=4, seed=0, credit="split")
+    np.testing.assert_allclose(res.credits.sum(axis=1), res.v_full - res.v_empty, atol=1e-12)
+
+
+def test_group_credit_gives_each_member_the_group_marginal():
+    w = np.arange(6, dtype=float)
+    res = monte_carlo_shapley(6, additive(w), iterations=1, group_size=3, seed=0, credit="group")
+    perm = np.random.default_rng([0, 0]).permutation(6)
+    for group in (perm[:3], perm[3:]):
+        assert np.all(res.credits[0, group] == w[group].sum())
+
+
+def test_cache_counts_each_coalition_once():
+    calls = []
+
+    def v(s):
+        calls.append(s)
+        return float(len(s))
+
+    res = monte_carlo_shapley(4, v, iterations=20, group_size=2, seed=0)
+    # v(empty) and v(N) once; per iteration one lookup of a 2-set (the empty set at the end is known)
+    assert len(calls) == len(set(calls)) == res.evaluations
+    distinct_pairs = res.evaluations - 2
+    assert 1 <= distinct_pairs <= 6
+    assert res.cache_hits == 20 - distinct_pairs > 0
+    assert res.total_groups == 40
+
+
+def test_truncation_credits_the_rest_zero_and_skips_evaluations():
+    # only player 0 matters: once it is removed, v(current) == v(empty) and the iteration stops
+    v = lambda s: 1.0 if 0 in s else 0.0  # noqa: E731
+    full = monte_carlo_shapley(20, v, iterations=8, group_size=1, seed=0, tolerance=0.0)
+    trunc = monte_carlo_shapley(20, v, iterations=8, group_size=1, seed=0, tolerance=0.01)
+    np.testing.assert_allclose(trunc.values, full.values)
+    assert trunc.values[0] == 1.0 and np.all(trunc.values[1:] == 0)
+    assert trunc.truncated_groups > 0 and full.truncated_groups == 0
+    assert trunc.evaluations < full.evaluations
+
+
+def test_same_seed_same_estimate_and_progress_reaches_total():
+    v = lambda s: float(np.sin(sum(s)))  # noqa: E731
+    seen = []
+    a = monte_carlo_shapley(12, v, iterations=3, group_size=2, seed=5, tolerance=0.2,
+                            progress=lambda adv, tot: seen.append((adv, tot)))
+    b = monte_carlo_shapley(12, v, iterations=3, group_size=2, seed=5, tolerance=0.2)
+    c = monte_carlo_shapley(12, v, iterations=3, group_size=2, seed=6, tolerance=0.2)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert not np.array_equal(a.values, c.values)
+    assert sum(adv for adv, _ in seen) == a.total_groups == 18
+
+
+def test_cached_value_wraps_once():
+    cv = CachedValue(lambda s: float(len(s)))
+    assert cv(frozenset({1, 2})) == 2.0 and cv(frozenset({2, 1})) == 2.0
+    assert (cv.evaluations, cv.hits) == (1, 1)

@@ -1,0 +1,60 @@
+"""The LoRA value function v(S) on a real small model (builtin:demo), and one run on the real assets."""
+from __future__ import annotations
+
+import pytest
+
+from mira.shed import ShedSettings
+from mira.shed.value import LoraValue, ProxyModel
+
+
+@pytest.fixture(scope="module")
+def demo_proxy() -> ProxyModel:
+    return ProxyModel.load(ShedSettings(model="builtin:demo", seed=0))
+
+
+def test_value_is_a_deterministic_function_of_the_set(demo_proxy, records):
+    s = ShedSettings(steps=3, batch_size=4, max_length=48, lr=1e-2)
+    v = LoraValue(demo_proxy, records[:6], records[-8:], s)
+    empty = v(frozenset())
+    a = v(frozenset({0, 3, 5}))
+    v(frozenset({1}))  # something else in between
+    assert v(frozenset({5, 0, 3})) == a
+    assert v(frozenset()) == empty and a != empty
+    assert empty == pytest.approx(v.score())  # v(empty): the slot was reset to the start adapter
+
+
+def test_epochs_scale_steps_with_the_coalition(demo_proxy, records):
+    s = ShedSettings(epochs=2.0, batch_size=4, max_length=48)
+    v = LoraValue(demo_proxy, records[:12], records[-4:], s)
+    assert v.trainer.settings.num_steps(3) == 2 and v.trainer.settings.num_steps(12) == 6
+    v(frozenset({0, 1, 2}))
+    assert v.train_seconds > 0
+
+
+def test_token_accuracy_and_warm_start(demo_proxy, records):
+    s = ShedSettings(steps=2, batch_size=4, max_length=48, metric="token_accuracy", warm_start_steps=4, lr=1e-2)
+    cold = LoraValue(demo_proxy, records[:4], records[-8:], s.model_copy(update={"warm_start_steps": 0}))
+    warm = LoraValue(demo_proxy, records[:4], records[-8:], s, warm_records=records[10:40])
+    for v in (cold, warm):
+        assert 0.0 <= v(frozenset()) <= 1.0 and 0.0 <= v(frozenset({0, 1})) <= 1.0
+    assert warm(frozenset()) != cold(frozenset())  # the game starts from the warm adapter
+    assert not all(bool((warm.start[k] == demo_proxy.slot.initial_state[k]).all()) for k in warm.start)
+
+
+@pytest.mark.assets
+def test_dolly_with_stories260k(assets):
+    """A tiny real refinement: 60 Dolly records, stories260K as the proxy model."""
+    from mira.config import DataConfig
+    from mira.data.records import load_records
+    from mira.shed import refine
+
+    dolly = assets / "data/dolly-15k/databricks-dolly-15k.jsonl"
+    model = assets / "models/stories260K"
+    if not dolly.exists() or not model.exists():
+        pytest.skip("Dolly-15k or stories260K missing under MIRA_ASSETS")
+    recs = load_records(DataConfig(source="dolly", path=str(dolly), max_per_task=8), seed=0)
+    s = ShedSettings(model=str(model), embedder="hashing", budget=0.2, clusters=6, iterations=2, steps=3,
+                     batch_size=4, max_length=96, max_val=8, strategy="qwcs")
+    res = refine(recs, s)
+    assert len(res.records) == round(0.2 * len(res.candidates))
+    assert res.shapley.v_full != res.shapley.v_empty
