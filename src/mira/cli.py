@@ -20,6 +20,7 @@ err_console = Console(stderr=True)
 # Modules that add commands to `app`. Each has a `register(app: typer.Typer)` function.
 COMMAND_MODULES = [
     "mira.federated.cli",  # run, compare, demo
+    "mira.federated.flower.cli",
     "mira.shed.cli",
     "mira.prada.cli",
 ]

@@ -13,5 +13,7 @@ def client_fit(slot: AdapterSlot, trainer: LocalTrainer, ds: TokenizedDataset, i
     # Keys the server did not send (FFA-LoRA's frozen A) come from the shared initialisation.
     slot.set({**slot.initial_state, **ins.adapter})
     anchor = slot.get() if ins.prox_mu > 0 else None
+    if steps is None and ins.step_scale != 1:
+        steps = ins.step_scale * trainer.settings.num_steps(len(ds))
     result = trainer.train(ds, seed, frozen=ins.frozen, prox_mu=ins.prox_mu, anchor=anchor, steps=steps)
     return slot.get(), result

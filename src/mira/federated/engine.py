@@ -97,7 +97,8 @@ class Engine:
         self.trainer = LocalTrainer(ws.slot, ws.tokenizer.pad_token_id, train_settings(cfg))
         steps = [self.trainer.settings.num_steps(len(d)) for d in ws.train]
         ctx = StrategyContext(num_clients=self.k, n_train=[len(d) for d in ws.train], lr=cfg.federation.lr,
-                              local_steps=int(round(float(np.mean(steps)))), seed=cfg.seed, keys=ws.slot.keys())
+                              local_steps=int(round(float(np.mean(steps)))), seed=cfg.seed, keys=ws.slot.keys(),
+                              rounds=cfg.federation.rounds)
         self.strategy: Strategy = cls(self.params, ctx, ws.slot.initial_state)
         self.codec = WireCodec(ws.slot.initial_state, cfg.federation.wire_dtype)
         self.per_round = max(1, int(round(cfg.federation.fraction * self.k)))
@@ -222,14 +223,14 @@ class Engine:
             self.load_state(torch.load(ck, weights_only=False))
         else:
             atomic_write_text(self.out / "config.yaml", self.resolved_config())
-        rounds = self.cfg.federation.rounds
+        rounds = self.strategy.num_rounds(self.cfg.federation.rounds)
         every = self.cfg.eval.every
         progress.start_rounds(self.cfg.algorithm.name, rounds, self.round)
         for rnd in range(self.round + 1, rounds + 1):
             t0 = time.perf_counter()
             progress.start_clients(1 if self.strategy.pooled else self.per_round)
             entry = self.run_round(rnd, progress)
-            if rnd % every == 0 or rnd == rounds:
+            if rnd % every == 0 or rnd == rounds:  # noqa: SIM102
                 te = time.perf_counter()
                 self.rows += self.evaluate(rnd)
                 entry["eval_time_s"] = time.perf_counter() - te

@@ -35,6 +35,11 @@ class LazyTensors(Sequence[Tensor]):
     def __len__(self) -> int:
         return self._count
 
+    def __iter__(self) -> Iterator[Tensor]:
+        # unlike Sequence.__iter__, keeps no reference to the tensor it has handed out
+        for index in range(self._count):
+            yield self._load(index)
+
     @overload
     def __getitem__(self, index: int) -> Tensor: ...
 
@@ -128,7 +133,9 @@ def task_vectors(tensors: Iterable[Tensor], base: Tensor | None) -> Iterator[Ten
     A generator, so a method that reduces the task vectors as it goes holds one at a time.
     """
     for tensor in tensors:
-        yield tensor if base is None else tensor - base
+        if base is not None:
+            tensor = tensor - base  # and let go of the input
+        yield tensor
 
 
 def weighted_sum(tensors: Iterable[Tensor], weights: Sequence[float]) -> Tensor:

@@ -27,6 +27,9 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from mira.errors import MiraError
 from mira.prada.protocol import (DraftRequest, DraftResponse, Health, LogitsRequest, LogitsResponse,
@@ -147,12 +150,8 @@ def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return values, ids
 
 
-def create_app(model, api_key: str, limits: ServerLimits = ServerLimits()):
+def create_app(model, api_key: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The FastAPI app serving ``model`` (already loaded, frozen, in eval mode)."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-
     if not api_key:
         raise MiraError("the API key is empty", where="api key")
     box = BlackBoxModel(model, limits)

@@ -1,10 +1,14 @@
 """mira's Flower ``ClientApp``: answers the three message types of ``protocol``.
 
-Training is ``mira.federated.client.client_fit``, the very function the in-process
-engine calls; this module only moves records in and out. Imports are lazy: Flower
-starts one ClientApp process per message and ``hello`` should stay light.
+Training is ``mira.federated.client.client_fit`` (through ``NodeRuntime.fit``), the very
+function the in-process engine calls; this module only moves records in and out.
+Flower starts one ClientApp process per message, so imports are lazy. With a warm
+node worker (node config ``worker=<socket>``, see ``worker``) the same ``NodeRuntime``
+code runs in the worker, which keeps the model loaded between messages.
 """
 from __future__ import annotations
+
+import time
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -12,38 +16,72 @@ from flwr.clientapp import ClientApp
 app = ClientApp()
 
 
-def _setup(context: Context):
-    from mira.federated.flower.node import node_spec, run_config_of
+def _log(context: Context, what: str, t0: float, warm: bool) -> None:
+    pid = context.node_config.get("partition-id", "?")
+    print(f"[mira client {pid}] {what} in {time.perf_counter() - t0:.1f}s ({'warm worker' if warm else 'cold'})",
+          flush=True)
 
-    return run_config_of(context.run_config), node_spec(context.node_config)
+
+def _worker(context: Context, kind: str, **payload) -> dict | None:
+    """Forward to the node's warm worker, if it has one."""
+    address = context.node_config.get("worker")
+    if not address:
+        return None
+    from mira.federated.flower.worker import call
+
+    return call(str(address), {"kind": kind, "mira_config": context.run_config.get("mira-config", ""),
+                               "node_config": dict(context.node_config), **payload})
+
+
+def _runtime(context: Context):
+    from mira.federated.flower.node import NodeRuntime, node_spec, run_config_of
+
+    return NodeRuntime(run_config_of(context.run_config), node_spec(context.node_config))
 
 
 @app.query("mira_hello")
 def hello(msg: Message, context: Context) -> Message:
-    from mira.federated.flower.node import hello_info
     from mira.federated.flower.protocol import hello_reply
 
-    cfg, spec = _setup(context)
-    return Message(hello_reply(hello_info(cfg, spec)), reply_to=msg)
+    t0 = time.perf_counter()
+    answer = _worker(context, "hello")
+    if answer is None:
+        from mira.federated.flower.node import hello_info, node_spec, run_config_of
+
+        info = hello_info(run_config_of(context.run_config), node_spec(context.node_config))
+    else:
+        info = answer["info"]
+    _log(context, "hello", t0, answer is not None)
+    return Message(hello_reply(info), reply_to=msg)
 
 
 @app.train("mira_fit")
 def fit(msg: Message, context: Context) -> Message:
-    from mira.federated.flower.node import NodeRuntime
+    from dataclasses import asdict
+
     from mira.federated.flower.protocol import fit_reply, parse_fit
 
-    cfg, spec = _setup(context)
+    t0 = time.perf_counter()
     task = parse_fit(msg.content)
-    buf, metrics = NodeRuntime(cfg, spec).fit(task)
+    answer = _worker(context, "fit", task=asdict(task))
+    if answer is None:
+        buf, metrics = _runtime(context).fit(task)
+    else:
+        buf, metrics = answer["buf"], answer["metrics"]
+    _log(context, f"fit round {task.rnd}", t0, answer is not None)
     return Message(fit_reply(buf, metrics), reply_to=msg)
 
 
 @app.evaluate("mira_eval")
 def evaluate(msg: Message, context: Context) -> Message:
-    from mira.federated.flower.node import NodeRuntime
     from mira.federated.flower.protocol import eval_reply, parse_eval
 
-    cfg, spec = _setup(context)
-    bufs, own, _ = parse_eval(msg.content)
-    losses, tokens, extra = NodeRuntime(cfg, spec).evaluate(bufs, own)
+    t0 = time.perf_counter()
+    bufs, own, rnd = parse_eval(msg.content)
+    answer = _worker(context, "eval", bufs=bufs, own=own)
+    if answer is None:
+        losses, tokens, extra = _runtime(context).evaluate(bufs, own)
+    else:
+        losses, tokens, extra = answer["losses"], answer["tokens"], answer["extra"]
+    _log(context, f"evaluate round {rnd}", t0, answer is not None)
     return Message(eval_reply(losses, tokens, extra), reply_to=msg)

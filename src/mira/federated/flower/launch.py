@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ class LocalFederation:
         return key
 
     def start_supernode(self, i: int, num_partitions: int, data_path: str | None = None,
-                        key: Path | None = None, name: str | None = None) -> Proc:
+                        key: Path | None = None, name: str | None = None, warm: bool = False) -> Proc:
+        """SuperNode for client ``i``; ``warm``: behind a worker that keeps the model loaded."""
         name = name or f"supernode_{i}"
         if self.auth and key is None:
             key = self.node_key(i)
@@ -178,6 +180,8 @@ class LocalFederation:
         cmd += ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
+        if warm:
+            cmd = [sys.executable, "-m", "mira.federated.flower.worker", *cmd]
         return self._start(name, cmd, self.workdir / f"flwr_{name}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -12,35 +12,36 @@ A SuperNode says which client it is through Flower's node configuration::
 * ``data-path``: the node's own records (a file in the format of ``data.source``; the
   run's field map and max length apply). They are split into train/test with the
   run's ``partition.test_size``/``test_fraction``; no other client's data is needed.
+* ``worker``: the socket of a warm node worker (``mira flower supernode --warm`` sets
+  it; see ``mira.federated.flower.worker``).
 
 Only counts (``n_train``/``n_test``), adapter tensors and losses leave the node.
 
-Flower starts a new ClientApp process for every message, so ``hello`` (answered for
-every new node) imports nothing heavy; ``fit``/``evaluate`` load the model each time.
+Flower 1.41 starts a new ClientApp process for every message, so by default each
+``fit``/``evaluate`` loads the model afresh (``NodeRuntime``); a warm worker keeps one
+``NodeRuntime`` per run instead. Both run the same code below.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from mira.config import PartitionConfig, RunConfig, load_config
+from mira.config import PartitionConfig, RunConfig
 from mira.data.partition import ClientData, partition
 from mira.data.records import load_records
 from mira.errors import MiraError
-
-UNSUPPORTED = "the Flower runtime supports the strategies {names}; {name!r} {why}"
-
 
 @dataclass
 class NodeSpec:
     partition_id: int
     num_partitions: int
     data_path: str | None = None
+    worker: str | None = None  # socket of a warm node worker (``mira.federated.flower.worker``)
 
 
 def node_spec(node_config: Mapping[str, Any]) -> NodeSpec:
-    """Read and check ``partition-id``, ``num-partitions`` and ``data-path``."""
-    known = {"partition-id", "num-partitions", "data-path"}
+    """Read and check ``partition-id``, ``num-partitions``, ``data-path`` and ``worker``."""
+    known = {"partition-id", "num-partitions", "data-path", "worker"}
     extra = sorted(set(node_config) - known)
     if extra:
         raise MiraError(f"unknown node-config keys {extra}; expected {sorted(known)}", where="--node-config")
@@ -54,22 +55,38 @@ def node_spec(node_config: Mapping[str, Any]) -> NodeSpec:
     if k < 1 or not 0 <= pid < k:
         raise MiraError(f"partition-id={pid} must be in [0, num-partitions={k})", where="--node-config")
     path = node_config.get("data-path")
-    return NodeSpec(pid, k, str(path) if path else None)
+    return NodeSpec(pid, k, str(path) if path else None, str(node_config.get("worker") or "") or None)
+
+
+def config_from_text(text: str) -> RunConfig:
+    """Parse the run's YAML. The submitter and the ServerApp validated it in full
+    (``load_config``); a node only needs the pydantic model (with ``${VARS}`` expanded
+    here), which spares a ``hello`` the import of every strategy and of PEFT."""
+    import yaml
+    from pydantic import ValidationError
+
+    import mira.config as mc
+
+    try:
+        raw = yaml.safe_load(text) or {}
+        expand = getattr(mc, "_expand", None)
+        if expand is None:  # pragma: no cover - older/newer mira.config: validate in full
+            return mc.validate(raw, "mira-config")
+        return RunConfig.model_validate(expand(raw, ""))
+    except (yaml.YAMLError, ValidationError) as e:
+        raise MiraError(f"the run's mira-config is invalid: {str(e).splitlines()[0]}") from None
 
 
 def run_config_of(run_config: Mapping[str, Any]) -> RunConfig:
     """The run's mira config, shipped in the Flower run config (``mira-config``, YAML text)."""
-    import tempfile
-    from pathlib import Path
+    return config_from_text(config_text_of(run_config))
 
+
+def config_text_of(run_config: Mapping[str, Any]) -> str:
     text = run_config.get("mira-config")
     if not isinstance(text, str) or not text.strip():
         raise MiraError("the Flower run config has no 'mira-config' (start runs with `mira flower run`)")
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "mira.yaml"
-        p.write_text(text)
-        cfg, _ = load_config(p)
-    return cfg
+    return text
 
 
 def load_client_data(cfg: RunConfig, spec: NodeSpec) -> ClientData:

@@ -40,6 +40,7 @@ class StrategyContext:
     local_steps: int  # R (for epochs: the mean number of steps per client)
     seed: int
     keys: list[str]  # adapter keys in order
+    rounds: int = 1  # the configured rounds T (the training budget is T x R local steps)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class FitIns:
     adapter: AdapterState
     frozen: frozenset[str] = frozenset()
     prox_mu: float = 0.0
+    step_scale: int = 1  # local steps = step_scale x R (one-shot trains the whole budget at once)
 
 
 @dataclass
@@ -77,6 +79,10 @@ class Strategy:
             loc = ".".join(str(x) for x in err["loc"])
             msg = "unknown option for this algorithm" if err["type"] == "extra_forbidden" else err["msg"]
             raise MiraError(f"{msg}", where=f"algorithm.{loc} ({cls.name})") from None
+
+    def num_rounds(self, rounds: int) -> int:
+        """Communication rounds for a budget of ``rounds`` x R local steps."""
+        return rounds
 
     # -- what travels ---------------------------------------------------------------
     def wire_keys(self) -> list[str]:

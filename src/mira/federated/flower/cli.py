@@ -1,0 +1,306 @@
+"""``mira flower ...``: run a federation on Flower (SuperLink, SuperNodes, ``flwr run``).
+
+* ``mira flower certs``      a test CA, the SuperLink's TLS certificate, SuperNode keys
+* ``mira flower superlink``  start a SuperLink (TLS by default; ``--auth``: only registered nodes)
+* ``mira flower register``   register a SuperNode's public key with the SuperLink
+* ``mira flower supernode``  start a SuperNode for one client (``--warm``: keep the model loaded)
+* ``mira flower run``        submit a run with a ``mira run`` YAML config and wait for it
+* ``mira flower local``      all of the above on 127.0.0.1, in one command
+
+The first four are thin wrappers over ``flower-superlink``, ``flower-supernode`` and the
+``flwr`` CLI; ``--dry-run`` prints the Flower command instead of running it.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mira.errors import MiraError
+
+console = Console()
+flower_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                         help="Federations across machines on Flower: SuperLink, SuperNodes, runs, TLS and node auth.")
+
+
+def _exec(cmd: list[str], dry_run: bool, env: dict | None = None) -> None:
+    from mira.federated.flower.bundle import QUIET_ENV
+
+    console.print("$ " + shlex.join(cmd), highlight=False, soft_wrap=True)
+    if dry_run:
+        return
+    os.execve(cmd[0], cmd, {**os.environ, **QUIET_ENV, **(env or {})})
+
+
+def _tls_args(certs: Optional[Path], root_cert: Optional[Path], insecure: bool) -> tuple[Optional[Path], bool]:
+    """The CA certificate a client trusts: --root-cert, or certs/ca.crt; or --insecure."""
+    if insecure and (certs or root_cert):
+        raise MiraError("give either --insecure or certificates, not both", where="--insecure")
+    ca = root_cert or (certs / "ca.crt" if certs else None)
+    if not insecure and ca is None:
+        raise MiraError("TLS needs the CA certificate: --root-cert ca.crt or --certs DIR (or --insecure for a "
+                        "plain-text test federation)", where="--root-cert")
+    if ca is not None and not ca.is_file():
+        raise MiraError(f"not found: {ca}", where="--root-cert")
+    return ca, insecure
+
+
+@flower_app.command("certs")
+def certs_cmd(out: Path = typer.Option(Path("certs"), "--out", "-o", help="folder to write into"),
+              nodes: int = typer.Option(3, "--nodes", "-n", help="SuperNode key pairs to create"),
+              host: List[str] = typer.Option([], "--host", help="SuperLink host name or IP for the certificate "
+                                                                 "(repeatable; default localhost, 127.0.0.1, ::1)"),
+              overwrite: bool = typer.Option(False, "--overwrite")):
+    """Create a test CA, the SuperLink's TLS certificate and SuperNode auth keys (for testing)."""
+    from mira.federated.flower.certs import DEFAULT_HOSTS, generate_all
+
+    files = generate_all(out, nodes, host or list(DEFAULT_HOSTS), overwrite=overwrite)
+    console.print(f"CA: {files['ca']}\nSuperLink: {files['server_cert']}, {files['server_key']}")
+    for priv, pub in files["nodes"]:
+        console.print(f"SuperNode key: {priv} (public: {pub})")
+
+
+@flower_app.command("superlink")
+def superlink_cmd(certs: Optional[Path] = typer.Option(None, "--certs", help="folder with ca.crt, server.crt, "
+                                                                              "server.key (mira flower certs)"),
+                  insecure: bool = typer.Option(False, "--insecure", help="plain text, no TLS (tests only)"),
+                  auth: bool = typer.Option(False, "--auth", help="accept only SuperNodes registered with "
+                                                                  "`mira flower register` (needs TLS)"),
+                  host: str = typer.Option("0.0.0.0", "--host"),
+                  port: int = typer.Option(9093, "--port", help="one port for the Fleet, Control and Runtime APIs"),
+                  database: Optional[str] = typer.Option(None, "--database", help="SQLite file for the SuperLink "
+                                                                                  "state (default: in memory)"),
+                  dry_run: bool = typer.Option(False, "--dry-run", help="print the command only")):
+    """Start a Flower SuperLink (runs mira's ServerApp when a run is submitted)."""
+    from mira.federated.flower.bundle import flower_bin
+
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if insecure:
+        if certs or auth:
+            raise MiraError("--insecure cannot be combined with --certs or --auth (node auth needs TLS)",
+                            where="--insecure")
+        cmd.append("--insecure")
+    else:
+        if certs is None:
+            raise MiraError("TLS needs --certs DIR (from `mira flower certs`), or --insecure", where="--certs")
+        for f in ("ca.crt", "server.crt", "server.key"):
+            if not (certs / f).is_file():
+                raise MiraError(f"{certs / f} not found", where="--certs")
+        cmd += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+                "--ssl-keyfile", str(certs / "server.key")]
+    if auth:
+        cmd.append("--enable-supernode-auth")
+    if database:
+        cmd += ["--database", database]
+    _exec(cmd, dry_run, {"MIRA_THREADS": os.environ.get("MIRA_THREADS", "1")})
+
+
+@flower_app.command("supernode")
+def supernode_cmd(partition_id: int = typer.Option(..., "--partition-id", help="this node's client id"),
+                  num_partitions: int = typer.Option(..., "--num-partitions", help="number of clients"),
+                  superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help="SuperLink host:port"),
+                  data_path: Optional[str] = typer.Option(None, "--data-path", help="this node's own records "
+                                                          "(default: its partition of the run's data section)"),
+                  certs: Optional[Path] = typer.Option(None, "--certs", help="folder with ca.crt"),
+                  root_cert: Optional[Path] = typer.Option(None, "--root-cert", help="CA certificate to trust"),
+                  insecure: bool = typer.Option(False, "--insecure"),
+                  key: Optional[Path] = typer.Option(None, "--key", help="private key for node authentication "
+                                                                         "(e.g. certs/supernode_0)"),
+                  port: int = typer.Option(9094, "--port", help="local port of the node's Runtime API (one per "
+                                                                "SuperNode on a machine)"),
+                  warm: bool = typer.Option(False, "--warm", help="keep the model loaded between messages "
+                                                                  "(a worker process next to the SuperNode)"),
+                  dry_run: bool = typer.Option(False, "--dry-run")):
+    """Start a Flower SuperNode holding client PARTITION_ID's data."""
+    from mira.federated.flower.bundle import flower_bin
+
+    ca, insecure = _tls_args(certs, root_cert, insecure)
+    if key is not None and insecure:
+        raise MiraError("node authentication (--key) needs TLS", where="--key")
+    if key is not None and not key.is_file():
+        raise MiraError(f"not found: {key}", where="--key")
+    if not 0 <= partition_id < num_partitions:
+        raise MiraError(f"--partition-id must be in [0, {num_partitions})", where="--partition-id")
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if data_path:
+        node_config += f' data-path="{os.path.abspath(os.path.expanduser(data_path))}"'
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    cmd += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
+    if key is not None:
+        cmd += ["--auth-supernode-private-key", str(key)]
+    env = {"MIRA_THREADS": os.environ.get("MIRA_THREADS", "1")}
+    if not warm:
+        _exec(cmd, dry_run, env)
+        return
+    console.print("$ " + shlex.join([sys.executable, "-m", "mira.federated.flower.worker", *cmd]), highlight=False,
+                  soft_wrap=True)
+    if dry_run:
+        return
+    from mira.federated.flower.bundle import QUIET_ENV
+    from mira.federated.flower.worker import run
+
+    os.environ.update({**QUIET_ENV, **env})
+    raise typer.Exit(run(cmd))
+
+
+@flower_app.command("register")
+def register_cmd(public_key: Path = typer.Argument(..., help="the SuperNode's public key (e.g. certs/supernode_0.pub)"),
+                 superlink: str = typer.Option("127.0.0.1:9093", "--superlink"),
+                 certs: Optional[Path] = typer.Option(None, "--certs"),
+                 root_cert: Optional[Path] = typer.Option(None, "--root-cert")):
+    """Register a SuperNode's public key with a SuperLink started with --auth."""
+    from mira.federated.flower import bundle
+
+    ca, _ = _tls_args(certs, root_cert, False)
+    if not public_key.is_file():
+        raise MiraError(f"not found: {public_key}")
+    with tempfile.TemporaryDirectory(prefix="mira-flwr-") as home:
+        bundle.write_cli_home(home, bundle.SuperLinkAddress(superlink, str(ca)).check())
+        node_id = bundle.register_node(home, public_key)
+    console.print(f"registered {public_key} as node {node_id}")
+
+
+def _settings(out: Path, round_timeout: float, straggler_timeout: float, node_wait: float, resume: bool):
+    from mira.federated.flower.settings import RunSettings
+
+    return RunSettings(out_dir=str(out.expanduser().resolve()), round_timeout=round_timeout,
+                       straggler_timeout=straggler_timeout, node_wait=node_wait, resume=resume)
+
+
+def _load(config: Optional[Path], set_: List[str], resume: bool, out: Optional[Path]):
+    from mira.config import load_config
+
+    if resume:
+        if out is None or not (out / "config.yaml").exists():
+            raise MiraError("--resume needs --out pointing at the run directory (with config.yaml)", where="--resume")
+        config = out / "config.yaml"
+    cfg, raw = load_config(config, set_)
+    return cfg, raw
+
+
+def _print_summary(out: Path, info: dict) -> None:
+    import json
+
+    summary_file = out / "summary.json"
+    if not summary_file.exists():
+        console.print(f"run directory (on the SuperLink's machine): {out}")
+        return
+    s = json.loads(summary_file.read_text())
+    t = Table(title=f"{s['algorithm']} on Flower after {s['rounds']} rounds")
+    for col in ("mean local loss", "mean global loss", "bytes up", "bytes down", "Flower bytes (fit+eval)"):
+        t.add_column(col, justify="right")
+    fl = s.get("flower", {})
+    flower_total = sum(int(fl.get(k, 0)) for k in ("fit_bytes_down", "fit_bytes_up", "eval_bytes_down",
+                                                    "eval_bytes_up", "hello_bytes"))
+    t.add_row(f"{s['mean_local_test_loss']:.4f}", f"{s['mean_global_test_loss']:.4f}", f"{s['bytes_up']:,}",
+              f"{s['bytes_down']:,}", f"{flower_total:,}")
+    console.print(t)
+    traffic = info.get("network-traffic", {})
+    if traffic:
+        console.print(f"SuperLink Fleet traffic for the run: {traffic.get('total-bytes', 0):,} bytes")
+    if fl.get("failed_updates"):
+        console.print(f"left out: {fl['failed_updates']}")
+    console.print(f"run directory: {out}")
+
+
+@flower_app.command("run")
+def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as for `mira run` (default: the "
+                                                               "embedded demo config)"),
+            superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help="SuperLink host:port"),
+            certs: Optional[Path] = typer.Option(None, "--certs", help="folder with ca.crt"),
+            root_cert: Optional[Path] = typer.Option(None, "--root-cert", help="CA certificate to trust"),
+            insecure: bool = typer.Option(False, "--insecure"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory, on the SuperLink's machine "
+                                                                         "(default runs/flower-<algorithm>)"),
+            set_: List[str] = typer.Option([], "--set", help="override a config field, e.g. federation.rounds=5"),
+            round_timeout: float = typer.Option(0.0, "--round-timeout", help="seconds a round may take (0: no limit)"),
+            straggler_timeout: float = typer.Option(-1.0, "--straggler-timeout",
+                                                    help="once federation.min_clients have replied, wait this long "
+                                                         "for the rest (negative: wait for all)"),
+            node_wait: float = typer.Option(600.0, "--node-wait", help="seconds to wait for every client's SuperNode"),
+            resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
+            wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the run to finish"),
+            timeout: float = typer.Option(24 * 3600.0, "--timeout", help="give up waiting after this many seconds")):
+    """Submit a run to a SuperLink (`flwr run` with mira's app) and wait for it."""
+    from mira.federated.flower import bundle
+
+    ca, insecure = _tls_args(certs, root_cert, insecure)
+    cfg, raw = _load(config, set_, resume, out)
+    out = out or Path("runs") / f"flower-{cfg.algorithm.name}"
+    settings = _settings(out, round_timeout, straggler_timeout, node_wait, resume)
+    link = bundle.SuperLinkAddress(superlink, str(ca) if ca else None, insecure).check()
+    with tempfile.TemporaryDirectory(prefix="mira-flwr-") as tmp:
+        home = bundle.write_cli_home(Path(tmp) / "home", link)
+        app = bundle.write_app(Path(tmp) / "app", bundle.config_text(raw), settings)
+        run_id = bundle.submit(home, app)
+        console.print(f"run {run_id} submitted to {superlink}; run directory {settings.out_dir}")
+        if not wait:
+            console.print(f"follow it with: FLWR_HOME=<home> flwr log {run_id}   (or `flwr ls`)")
+            return
+        info = bundle.wait_run(home, run_id, timeout=timeout)
+        status = info.get("status")
+        if status != "finished:completed":
+            tail = "\n".join(bundle.run_logs(home, run_id).strip().splitlines()[-15:])
+            console.print(tail, highlight=False, markup=False)
+            raise MiraError(f"run {run_id} ended {status}: {info.get('status-details')}")
+    _print_summary(Path(settings.out_dir), info)
+
+
+def _num_clients(cfg) -> int:
+    from mira.data.partition import partition
+    from mira.data.records import load_records
+
+    return len(partition(load_records(cfg.data, seed=cfg.data.seed), cfg.partition, seed=cfg.seed, min_train=1))
+
+
+@flower_app.command("local")
+def local_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as for `mira run`"),
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default "
+                                                                           "runs/flower-<algorithm>)"),
+              set_: List[str] = typer.Option([], "--set"),
+              tls: bool = typer.Option(False, "--tls", help="TLS with a fresh test CA"),
+              auth: bool = typer.Option(False, "--auth", help="SuperNode authentication (implies --tls)"),
+              warm: bool = typer.Option(False, "--warm", help="keep each node's model loaded between messages"),
+              round_timeout: float = typer.Option(0.0, "--round-timeout"),
+              straggler_timeout: float = typer.Option(-1.0, "--straggler-timeout"),
+              workdir: Optional[Path] = typer.Option(None, "--workdir", help="logs, certificates and Flower homes "
+                                                                             "(default <out>/flower)")):
+    """A whole federation on 127.0.0.1: a SuperLink, one SuperNode per client, the run; then stop them."""
+    from mira.federated.flower import bundle
+    from mira.federated.flower.launch import LocalFederation
+
+    cfg, raw = _load(config, set_, False, None)
+    out = (out or Path("runs") / f"flower-{cfg.algorithm.name}").expanduser().resolve()
+    k = _num_clients(cfg)
+    settings = _settings(out, round_timeout, straggler_timeout, 600.0, False)
+    fed = LocalFederation(workdir or out / "flower", tls=tls or auth, auth=auth)
+    try:
+        fed.start_superlink()
+        console.print(f"SuperLink on {fed.address.address} ({'TLS' if fed.tls else 'insecure'}"
+                      f"{', node auth' if auth else ''}); starting {k} SuperNodes")
+        for i in range(k):
+            fed.start_supernode(i, k, warm=warm)
+        run_id = fed.submit(bundle.config_text(raw), settings)
+        console.print(f"run {run_id}: logs in {fed.workdir / 'logs'}")
+        info = fed.wait(run_id)
+        if info.get("status") != "finished:completed":
+            tail = "\n".join(fed.logs(run_id).strip().splitlines()[-15:])
+            console.print(tail, highlight=False, markup=False)
+            raise MiraError(f"run {run_id} ended {info.get('status')}: {info.get('status-details')}")
+    finally:
+        left = fed.close()
+        if left:
+            console.print(f"[red]processes still alive:[/] {left}")
+    _print_summary(out, info)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(flower_app, name="flower")

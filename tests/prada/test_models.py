@@ -1,0 +1,56 @@
+"""``grow_llama`` keeps the function; ``build_models`` writes a target and a smaller proxy with one tokenizer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from mira.errors import MiraError
+from mira.prada.models import BuildSettings, PretrainSettings, build_models, grow_llama, num_params
+
+
+def small_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_growing_keeps_the_function_and_adds_parameters():
+    src = small_llama()
+    big = grow_llama(src, layers=5, intermediate_size=72, seed=1)
+    x = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(src(x).logits, big(x).logits, atol=1e-5)
+    assert big.config.num_hidden_layers == 5 and num_params(big) > num_params(src)
+    with pytest.raises(MiraError, match="at least as large"):
+        grow_llama(src, layers=1, intermediate_size=72)
+
+
+def test_growing_stories260k_keeps_its_function(assets):
+    src = AutoModelForCausalLM.from_pretrained(assets / "models/stories260K").eval()
+    big = grow_llama(src, layers=10, intermediate_size=344)
+    x = torch.randint(0, 512, (1, 64))
+    with torch.no_grad():
+        assert torch.allclose(src(x).logits, big(x).logits, atol=1e-4)
+
+
+def test_build_models_on_tiny_inputs(zoo, tmp_path):
+    stories = tmp_path / "stories.txt"
+    stories.write_text("\n\n".join(f"Once upon a time there was a cat number {i}. It sat in the sun." for i in range(20)))
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text("".join(json.dumps({"instruction": f"Name a colour {i}.", "context": "", "response": "green",
+                                         "category": "open_qa" if i % 2 else "brainstorming"}) + "\n" for i in range(20)))
+    settings = BuildSettings(target_layers=2, target_intermediate=48, target=PretrainSettings(steps=3, lr=1e-3),
+                             proxy=PretrainSettings(steps=2, lr=1e-3), max_length=48, heldout=4,
+                             exclude_categories=("brainstorming",))
+    report = build_models(str(zoo.proxy), str(stories), str(dolly), tmp_path / "out", settings, log=lambda m: None)
+    assert report["proxy"]["parameters"] < report["target"]["parameters"]
+    assert report["train_examples"] == 16 + 6  # 20 stories - 4 held out; 10 Dolly records kept - 4 held out
+    assert json.loads((tmp_path / "out/build.json").read_text())["target"]["pretrain"]["steps"] == 3
+    toks = [AutoTokenizer.from_pretrained(tmp_path / "out" / name) for name in ("target", "proxy")]
+    assert toks[0].get_vocab() == toks[1].get_vocab()
+    for name in ("target", "proxy"):
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / name).config.vocab_size == 200
