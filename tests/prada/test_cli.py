@@ -60,7 +60,7 @@ def test_proxy_generate_prints_the_text_and_metrics_as_json(cli, zoo, server, ca
 
 
 @pytest.mark.parametrize("key, extra, expected", [
-    ("wrong", [], "401 from /v1/logits: missing or wrong API key [after 0 generated tokens"),
+    ("wrong", [], "401 from /v1/logits: missing or wrong API key (after 0 generated tokens"),
     (None, [], "set the server's API key in the environment variable MIRA_API_KEY"),
     ("k", ["--mode", "beam"], "unknown mode 'beam'"),
     ("k", ["--draft-initial", "0"], "draft lengths need"),

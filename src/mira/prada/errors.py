@@ -28,7 +28,7 @@ class PradaError(MiraError):
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.text, new.token_ids, new.metrics = text, list(token_ids), metrics
-        new.args = (f"{self.args[0]} [after {len(token_ids)} generated tokens; text so far: {text!r}]",)
+        new.args = (f"{self.args[0]} (after {len(token_ids)} generated tokens; text so far: {text!r})",)
         return new
 
 

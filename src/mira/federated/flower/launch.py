@@ -110,6 +110,7 @@ class LocalFederation:
                          "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5", **self.env}
         self.base_env.setdefault("MIRA_THREADS", "1")
         self._serverapp_seen = False
+        self.registered: dict[int, int] = {}  # node index -> Flower node id (with auth)
         if self.tls:
             from mira.federated.flower.certs import generate_ca_and_server
 
@@ -162,8 +163,8 @@ class LocalFederation:
         key = self.certs / name
         if not key.exists():
             generate_node_key(self.certs, name)
-        if registered:
-            bundle.register_node(self.cli_home, f"{key}.pub", env={TAG: self.tag})
+        if registered and i not in self.registered:
+            self.registered[i] = bundle.register_node(self.cli_home, f"{key}.pub", env={TAG: self.tag})
         return key
 
     def start_supernode(self, i: int, num_partitions: int, data_path: str | None = None,

@@ -334,7 +334,8 @@ def _engine_class():
             keys = self.ws.slot.keys()
             bufs = [self.lossless.encode(a, keys) for a in adapters]
             contents = {c.id: eval_content(bufs, own[c.id], rnd) for c in self.ws.clients}
-            replies = self.fleet.exchange(MSG_EVAL, contents, group=f"eval-{rnd}", min_ok=1)
+            replies = self.fleet.exchange(MSG_EVAL, contents, group=f"eval-{rnd}",
+                                          min_ok=min(len(contents), self.cfg.federation.min_clients))
             self._count("eval", replies)
             per_node, failed = {}, []
             for c in self.ws.clients:
