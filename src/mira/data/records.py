@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
+from typing import ClassVar, Iterator
 
 from mira.errors import MiraError
 
@@ -229,5 +229,3 @@ def load_records(cfg, seed: int = 0) -> list[Record]:
             records += rng.sample(group, cfg.max_per_task) if len(group) > cfg.max_per_task else group
     return records
 
-
-Loader = Callable[..., list[Record]]
