@@ -145,6 +145,7 @@ def main() -> None:
         return
 
     root = Path(tempfile.mkdtemp(prefix="merge-memory-", dir=args.workdir))
+    load_before = os.getloadavg()  # timings mean little on a busy machine
     try:
         t0 = time.perf_counter()
         built = run({"task": "build", "root": str(root), "count": args.models, "layers": args.layers,
@@ -174,14 +175,15 @@ def main() -> None:
                 "seconds": round(stats["seconds"], 1),
             }
             results.append(row)
-            print(f"{method:>13} ({allocator:>18}): peak RSS {row['peak_rss_mib']:7.1f} MiB = {row['rss_before_merge_mib']:.0f} MiB "
-                  f"before merging + {row['merge_memory_mib']:6.1f} MiB ({row['merge_memory_in_models']:.2f} x one "
-                  f"model), "
-                  f"{row['seconds']:.1f} s")
+            print(f"{method:>13} ({allocator:>18}): peak RSS {row['peak_rss_mib']:7.1f} MiB = "
+                  f"{row['rss_before_merge_mib']:.0f} MiB before merging + {row['merge_memory_mib']:6.1f} MiB "
+                  f"({row['merge_memory_in_models']:.2f} x one model), {row['seconds']:.1f} s")
         report = {
             "command": " ".join(["python", "benchmarks/merge_memory.py", *sys.argv[1:]]),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "torch": __import__("torch").__version__, "torch_threads": args.threads},
+                        "torch": __import__("torch").__version__, "torch_threads": args.threads,
+                        "load_average_before": [round(x, 2) for x in load_before],
+                        "load_average_after": [round(x, 2) for x in os.getloadavg()]},
             "model": {"parameters": parameters, "bytes": size, "mib": round(size / MB, 1),
                       "largest_tensor_mib": round(built["largest_tensor_bytes"] / MB, 1),
                       "config": {k: getattr(llama_config(args.layers), k) for k in

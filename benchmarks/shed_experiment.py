@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     if not dolly.exists():
         sys.exit(f"Dolly-15k not found at {dolly}; pass --assets or --dolly")
     seeds = [int(s) for s in args.seeds.split(",")]
-    t_all = time.perf_counter()
+    t_all, cpu_all, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
 
     records = DollySource().load(DataConfig(source="dolly", path=str(dolly), max_per_task=None))
     perm = np.random.default_rng(args.data_seed).permutation(len(records))
@@ -178,10 +178,13 @@ def main(argv=None) -> dict:
         "summary": summary,
         "shed_beats_random_test_loss": wins,
         "total_s": time.perf_counter() - t_all,
+        "total_cpu_s": time.process_time() - cpu_all,
+        "load_average_start_end": [list(load_start), list(os.getloadavg())],
     }
     atomic_write_json(args.out, result)
     print_table(result)
-    print(f"written: {args.out} (total {result['total_s']:.0f}s)")
+    print(f"written: {args.out} (wall {result['total_s']:.0f}s, CPU {result['total_cpu_s']:.0f}s, "
+          f"load average {result['load_average_start_end']})")
     return result
 
 

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "mira.federated.flower.cli",
     "mira.shed.cli",
     "mira.prada.cli",
+    "mira.merge.cli",
 ]
 
 

@@ -41,3 +41,17 @@ def test_oneshot_merge_does_not_depend_on_arrival_order():
         assert all(torch.equal(m[k], merged[0][k]) for k in keys)
     expected = sum(results[c].adapter[keys[0]] * n for c, n in enumerate(ctx.n_train)) / sum(ctx.n_train)
     assert torch.allclose(merged[0][keys[0]], expected, atol=1e-6)
+
+
+def test_oneshot_with_a_merge_method(tiny_cfg, tmp_path):
+    raw = copy.deepcopy(tiny_cfg)
+    raw["algorithm"] = {"name": "oneshot", "merge": "ties", "merge_params": {"density": 0.5}}
+    cfg = validate(raw)
+    eng = Engine(Workspace.load(cfg), cfg, tmp_path)
+    s = eng.run()
+    assert s["rounds"] == 1
+    init = eng.ws.slot.initial_state
+    b_keys = [k for k in init if ".lora_B." in k]
+    # TIES trims each task vector to half its entries: some B entries stay exactly at the init (0)
+    merged = eng.strategy.adapter_for(0)
+    assert any((merged[k] == 0).any() for k in b_keys) and any((merged[k] != 0).any() for k in b_keys)

@@ -14,13 +14,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_three_supernodes_match_the_in_process_engine(federations, reference, tmp_path):
-    """2 rounds of mira, each client on its own SuperNode whose ClientApp (a fresh process
-    per message, Flower's default) trains with ``client_fit``: the same adapters, losses
-    and byte counts as ``mira run``."""
+    """2 rounds of mira, each client on its own SuperNode: the same adapters, losses and
+    byte counts as ``mira run``. Client 2's ClientApp is Flower's default (a fresh process
+    per message that loads the model and calls ``client_fit``); clients 0 and 1 forward to
+    a warm worker running the same code (to keep the test short)."""
     fed = federations()
     fed.start_superlink()
-    for i in range(N_CLIENTS):
-        fed.start_supernode(i, N_CLIENTS)
+    fed.start_supernodes(N_CLIENTS, warm=[True, True, False])
     out = tmp_path / "run"
     info = run_and_wait(fed, flower_cfg(), out)
 
@@ -45,6 +45,8 @@ def test_three_supernodes_match_the_in_process_engine(federations, reference, tm
     assert set(ref_rounds[0]) <= set(rounds[0]), "the Flower round log lost keys the engine writes"
     assert [e["sampled"] for e in rounds] == [e["sampled"] for e in ref_rounds]
     assert all(e["failed"] == [] for e in rounds)
+    assert "] fit round 2 in" in fed.procs["supernode_2"].text()
+    assert "(cold)" in fed.procs["supernode_2"].text() and "(warm worker)" in fed.procs["supernode_0"].text()
 
     # what Flower moved: one fit message per client per round, each a little above the adapter
     fl = s["flower"]
@@ -59,8 +61,7 @@ def test_tls_and_node_auth(federations, reference, tmp_path):
     workers) and match the engine; a SuperNode with an unregistered key is refused."""
     fed = federations(tls=True, auth=True)
     fed.start_superlink()
-    for i in range(N_CLIENTS):
-        fed.start_supernode(i, N_CLIENTS, warm=True)
+    fed.start_supernodes(N_CLIENTS, warm=True)
     rogue_key = fed.node_key(99, registered=False)
     rogue = fed.start_supernode(0, N_CLIENTS, key=rogue_key, name="rogue")
     out = tmp_path / "run"
@@ -90,8 +91,7 @@ def test_killed_supernode_is_left_out_and_keeps_its_adapter(federations, referen
     the server keeps client 2's adapter from round 1."""
     fed = federations()
     fed.start_superlink()
-    for i in range(N_CLIENTS):
-        fed.start_supernode(i, N_CLIENTS, warm=True)
+    fed.start_supernodes(N_CLIENTS, warm=True)
     out = tmp_path / "run"
     from mira.federated.flower import bundle
     from mira.federated.flower.settings import RunSettings

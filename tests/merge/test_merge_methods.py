@@ -93,8 +93,10 @@ def test_dare_is_seeded_per_tensor_name_and_model():
     params = MergeParams(name="layer.weight", densities=(0.5,), seed=3)
     first = dare.merge_tensor([x], [1.0], base, params)
     assert torch.equal(first, dare.merge_tensor([x], [1.0], base, params))
-    assert not torch.equal(first, dare.merge_tensor([x], [1.0], base, MergeParams(name="other", densities=(0.5,), seed=3)))
-    assert not torch.equal(first, dare.merge_tensor([x], [1.0], base, MergeParams(name="layer.weight", densities=(0.5,), seed=4)))
+    other_name = MergeParams(name="other", densities=(0.5,), seed=3)
+    other_seed = MergeParams(name="layer.weight", densities=(0.5,), seed=4)
+    assert not torch.equal(first, dare.merge_tensor([x], [1.0], base, other_name))
+    assert not torch.equal(first, dare.merge_tensor([x], [1.0], base, other_seed))
     kept = first != 0
     assert torch.allclose(first[kept], 2.0 * x[kept])
 

@@ -38,7 +38,7 @@ def test_proxy_offsets_match_a_full_forward_at_every_position(pair):
     full = pair.teacher_forced_offsets(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0, 2:]
     assert torch.allclose(torch.stack(incremental), full, atol=1e-4)
     assert full.abs().max() > 0.1  # the trained adapter really moves the logits
-    assert torch.equal(pair.offset(ids[:4]), incremental[1])  # a shorter sequence starts over, same answer
+    assert torch.allclose(pair.offset(ids[:4]), incremental[1], atol=1e-5)  # a shorter sequence starts over
 
 
 def test_an_untrained_adapter_gives_a_zero_offset(zoo):

@@ -1,7 +1,6 @@
 """``mira run``, ``mira compare`` and ``mira demo``."""
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import List, Optional

@@ -6,7 +6,6 @@ An algorithm spec is a registered name, optionally with options after a colon:
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np

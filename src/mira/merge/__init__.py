@@ -13,6 +13,7 @@ methods are classes in ``mira.merge.methods`` registered by name (``mira.merge.r
 from mira.merge.engine import DEFAULT_SHARD_MB, MergeResult, merge
 from mira.merge.recipe import MergeParameters, MergeRecipe, ModelEntry, ModelParameters, load_recipe
 from mira.merge.registry import MergeMethod, MergeParams, get_method, method_names, register_method
+from mira.merge.state import merge_state_dicts
 
 __all__ = [
     "DEFAULT_SHARD_MB",
@@ -26,6 +27,7 @@ __all__ = [
     "get_method",
     "load_recipe",
     "merge",
+    "merge_state_dicts",
     "method_names",
     "register_method",
 ]

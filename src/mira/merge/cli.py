@@ -20,14 +20,19 @@ def register(app: typer.Typer) -> None:
 
 
 def merge_command(
-    recipe: Path = typer.Argument(..., help="Merge recipe (YAML): merge_method, models, base_model, dtype, parameters."),
+    recipe: Path = typer.Argument(..., help="Merge recipe (YAML): merge_method, models, base_model, dtype, "
+                                            "parameters."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (a Hugging Face model or a PEFT adapter)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and is not empty."),
     shard_size: float = typer.Option(DEFAULT_SHARD_MB, "--shard-size", min=1.0,
                                      help="Largest output shard of a full model, in MB."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Merge models or LoRA adapters (linear, task_arithmetic, ties, dare, slerp) as a recipe describes."""
+    """Merge models or LoRA adapters as RECIPE describes.
+
+    RECIPE is a YAML file with merge_method (linear, task_arithmetic, ties, dare, slerp),
+    models, base_model, dtype and parameters; see docs/merge.md.
+    """
     console = Console(stderr=True)
     with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=quiet) as bar:

@@ -289,7 +289,8 @@ class _Job:
 
     def _plan_adapter_factors(self) -> list[_Planned]:
         reference = self.models[0]
-        self._ranks = {m.name: reference.specs[m.a_key].shape[0] for m in lora.lora_modules(reference.names, reference.where)}
+        modules = lora.lora_modules(reference.names, reference.where)
+        self._ranks = {m.name: reference.specs[m.a_key].shape[0] for m in modules}
         plan = []
         for name in reference.names:
             spec = self._out_spec(reference.specs[name])

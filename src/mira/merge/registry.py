@@ -11,7 +11,8 @@ of collecting it into a list, so only one or two inputs are in memory at any mom
 however many models are merged. Plain lists work too (as in the tests).
 
 Methods register themselves with ``@register_method`` and are looked up with
-``get_method(name)``; adding a method is adding a file to ``mira/merge/methods/``.
+``get_method(name)``; adding a method is adding a file to ``mira/merge/methods/`` and
+importing it in that package's ``__init__``.
 """
 from __future__ import annotations
 

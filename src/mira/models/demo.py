@@ -87,7 +87,7 @@ def ensure_demo_model(name: str = "demo", log=print) -> Path:
     if (out / "config.json").exists():
         return out
     from mira.data.prompts import format_prompt, MARKER
-    from mira.data.synthetic import PRETRAIN_TASKS, TASKS, generate_suite
+    from mira.data.synthetic import PRETRAIN_TASKS, generate_suite
 
     t0 = time.time()
     texts = [format_prompt(r) + MARKER + r.output

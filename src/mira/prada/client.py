@@ -2,7 +2,8 @@
 
 ``BlackBoxClient`` sends JSON bodies it serialises itself, so ``bytes_sent`` is the exact
 request body; ``bytes_received`` is the response body as read from the socket
-(``httpx.Response.num_bytes_downloaded``). HTTP headers are not counted. Every call has a
+(``httpx.Response.num_bytes_downloaded``, before any decompression; the decoded length for
+transports that hand over a finished body, such as test doubles). HTTP headers are not counted. Every call has a
 timeout (``httpx.Timeout``), so a hung server raises ``ServerTimeout`` instead of hanging;
 a dead one raises ``ServerUnavailable``; a 4xx answer raises ``ServerRejected`` (or its
 subclasses ``AuthenticationError`` and ``ContextLimitError``).
@@ -112,7 +113,7 @@ class BlackBoxClient:
                                     where="server") from e
         self.traffic.round_trips += 1
         self.traffic.bytes_sent += len(body)
-        self.traffic.bytes_received += resp.num_bytes_downloaded
+        self.traffic.bytes_received += resp.num_bytes_downloaded or len(resp.content)
         self.traffic.seconds += time.perf_counter() - t0
         if resp.status_code >= 400:
             raise self._error(resp, path)

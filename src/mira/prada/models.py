@@ -13,7 +13,7 @@ Both start from one small pretrained Llama (stories260K: hidden 64, 5 layers, vo
   that it too knows the instruction format. It is strictly smaller than the target.
 
 ``build_models`` writes ``OUT/target``, ``OUT/proxy`` (Hugging Face folders with the
-tokenizer) and ``OUT/build.json`` (sizes, steps, seconds, held-out losses before/after).
+tokenizer) and ``OUT/build.json`` (sizes, steps, wall and CPU seconds, held-out losses before/after).
 """
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: s
     """Build, pre-train and save ``OUT/target`` and ``OUT/proxy``; return (and save) the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     if not (Path(source_dir) / "config.json").is_file():
         raise MiraError(f"{source_dir} is not a Hugging Face model folder", where="--source")
@@ -213,7 +213,7 @@ def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: s
     report: dict = {"source": str(source_dir), "settings": asdict(settings),
                     "train_examples": len(train), "train_tokens": sum(len(x) for x in train.input_ids)}
     for name in ("target", "proxy"):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if name == "target":
             model = grow_llama(source, settings.target_layers, settings.target_intermediate, seed=settings.seed)
         else:
@@ -228,10 +228,12 @@ def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: s
                         "hidden": model.config.hidden_size, "intermediate": model.config.intermediate_size,
                         "pretrain": pre.to_dict(), "first_loss": round(losses[0], 4),
                         "last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-                        "heldout_loss_before": before, "heldout_loss_after": after, "seconds": round(seconds, 1)}
+                        "heldout_loss_before": before, "heldout_loss_after": after, "seconds": round(seconds, 1),
+                        "cpu_seconds": round(time.process_time() - cpu0, 1)}
         log(f"{name}: {num_params(model):,} parameters, held-out loss {before} -> {after}, {seconds:.0f}s")
     if report["proxy"]["parameters"] >= report["target"]["parameters"]:
         raise MiraError("the proxy must be strictly smaller than the target", where="target size")
     report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     atomic_write_json(out / "build.json", report)
     return report

@@ -167,11 +167,13 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
     timings["value_setup_s"] = time.perf_counter() - t0
     log(f"Shapley values of {clustering.k} proxies: {s.iterations} iterations, groups of {group}")
     cached = value_fn if isinstance(value_fn, CachedValue) else CachedValue(value_fn)
-    shap = monte_carlo_shapley(clustering.k, cached, iterations=s.iterations, group_size=group, seed=s.seed,
-                               tolerance=s.tolerance, credit=s.credit, progress=progress)
-    restore = getattr(getattr(cached, "fn", None), "restore", None)
-    if restore:
-        restore()
+    try:
+        shap = monte_carlo_shapley(clustering.k, cached, iterations=s.iterations, group_size=group, seed=s.seed,
+                                   tolerance=s.tolerance, credit=s.credit, progress=progress)
+    finally:
+        restore = getattr(cached.fn, "restore", None)
+        if restore:  # leave the shared proxy model's adapter as we found it (fresh)
+            restore()
     timings["shapley_s"] = shap.seconds
 
     t0 = time.perf_counter()

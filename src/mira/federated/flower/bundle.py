@@ -157,11 +157,10 @@ def wait_run(home: str | os.PathLike, run_id: str, timeout: float = 3600, poll: 
     has probably ended (``maybe_done()``), the CLI is asked only then (and every ``poll``
     seconds otherwise)."""
     t0 = last = time.monotonic()
-    first = True
     while True:
         now = time.monotonic()
-        if first or now - last >= poll or (maybe_done is not None and maybe_done()):
-            first, last = False, now
+        if now - last >= poll or (maybe_done is not None and maybe_done()):
+            last = now
             info = run_info(home, run_id, env)
             if str(info.get("status", "")).startswith("finished"):
                 return info

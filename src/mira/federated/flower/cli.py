@@ -183,6 +183,9 @@ def _load(config: Optional[Path], set_: List[str], resume: bool, out: Optional[P
             raise MiraError("--resume needs --out pointing at the run directory (with config.yaml)", where="--resume")
         config = out / "config.yaml"
     cfg, raw = load_config(config, set_)
+    from mira.federated.flower.server import check_supported
+
+    check_supported(cfg)
     return cfg, raw
 
 

@@ -18,7 +18,7 @@ app = ClientApp()
 
 def _log(context: Context, what: str, t0: float, warm: bool) -> None:
     pid = context.node_config.get("partition-id", "?")
-    print(f"[mira client {pid}] {what} in {time.perf_counter() - t0:.1f}s ({'warm worker' if warm else 'cold'})",
+    print(f"[mira client {pid} {time.strftime('%H:%M:%S')}] {what} in {time.perf_counter() - t0:.1f}s ({'warm worker' if warm else 'cold'})",
           flush=True)
 
 

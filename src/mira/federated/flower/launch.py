@@ -107,7 +107,7 @@ class LocalFederation:
         self.certs = self.workdir / "certs"
         self.cli_home = self.workdir / "flwr_cli"
         self.base_env = {**os.environ, **bundle.QUIET_ENV, TAG: self.tag, "PYTHONUNBUFFERED": "1",
-                         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5", **self.env}
+                         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.3", **self.env}
         self.base_env.setdefault("MIRA_THREADS", "1")
         self._serverapp_seen = False
         self.registered: dict[int, int] = {}  # node index -> Flower node id (with auth)
@@ -185,6 +185,17 @@ class LocalFederation:
             cmd = [sys.executable, "-m", "mira.federated.flower.worker", *cmd]
         return self._start(name, cmd, self.workdir / f"flwr_{name}")
 
+    def start_supernodes(self, n: int, warm: bool | list[bool] = False) -> list[Proc]:
+        """SuperNodes for clients 0..n-1 (keys created and registered in parallel with auth);
+        ``warm`` may be a list, one flag per node."""
+        flags = warm if isinstance(warm, list) else [warm] * n
+        if self.auth:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(self.node_key, range(n)))
+        return [self.start_supernode(i, n, warm=flags[i]) for i in range(n)]
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a process we started and everything in its process group (e.g. a SuperNode,
         its SuperExec and the ClientApp it is running)."""
@@ -234,23 +245,33 @@ class LocalFederation:
         return bundle.run_logs(self.cli_home, run_id, env={TAG: self.tag})
 
     # -- teardown ---------------------------------------------------------------------------
-    def close(self, grace: float = 8.0) -> list[str]:
-        """Stop every process of this federation; returns descriptions of any still alive."""
-        for proc in self.procs.values():
+    def close(self, grace: float = 5.0) -> list[str]:
+        """Stop every process of this federation (SuperNodes first, so they can still say
+        goodbye to the SuperLink); returns descriptions of any still alive."""
+        order = sorted(self.procs.values(), key=lambda p: p.name == "superlink")
+        for proc in order:
             if proc.alive():
                 try:
                     os.killpg(proc.popen.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+                if proc.name == "superlink":
+                    break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p.alive() for p in order if p.name != "superlink"):
+            time.sleep(0.1)
         for pid in tagged_pids(self.tag):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (tagged_pids(self.tag) or any(p.alive() for p in self.procs.values())):
-            time.sleep(0.2)
-        for proc in self.procs.values():
+        link = self.procs.get("superlink")
+        if link is not None and link.alive():
+            os.killpg(link.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and (tagged_pids(self.tag) or any(p.alive() for p in order)):
+            time.sleep(0.1)
+        for proc in order:
             if proc.alive():
                 try:
                     os.killpg(proc.popen.pid, signal.SIGKILL)
@@ -261,12 +282,14 @@ class LocalFederation:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for proc in self.procs.values():
+        for proc in order:
             try:
                 proc.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        time.sleep(0.2)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and tagged_pids(self.tag):
+            time.sleep(0.1)
         return self.leftovers()
 
     def leftovers(self) -> list[str]:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from mira.config import PartitionConfig, RunConfig
-from mira.data.partition import ClientData, partition
-from mira.data.records import load_records
 from mira.errors import MiraError
+
+# mira.data (records, partition) is imported inside the functions below: importing the
+# package pulls in torch, and the ServerApp parses the config before it needs that.
 
 @dataclass
 class NodeSpec:
@@ -89,8 +90,11 @@ def config_text_of(run_config: Mapping[str, Any]) -> str:
     return text
 
 
-def load_client_data(cfg: RunConfig, spec: NodeSpec) -> ClientData:
-    """This node's records: its partition of the run's data, or its own ``data-path``."""
+def load_client_data(cfg: RunConfig, spec: NodeSpec):
+    """This node's records (a ``ClientData``): its partition of the run's data, or its own ``data-path``."""
+    from mira.data.partition import ClientData, partition
+    from mira.data.records import load_records
+
     if cfg.refine is not None:
         raise MiraError("refine hooks are not supported on the Flower runtime yet", where="refine")
     if spec.data_path:

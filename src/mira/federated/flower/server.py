@@ -33,7 +33,7 @@ from mira.federated.flower.settings import RunSettings
 
 
 def say(msg: str) -> None:
-    print(f"[mira] {msg}", flush=True)
+    print(f"[mira {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 @dataclass
@@ -385,25 +385,37 @@ def _engine_class():
     return FlowerEngine
 
 
-def run_server(grid, run_config) -> dict:
-    """The ServerApp's body: discover the nodes, then run the engine over them."""
-    from pathlib import Path
-
-    from mira.federated.flower.node import load_slot, run_config_of
+def check_supported(cfg) -> None:
+    """What the Flower runtime cannot run (checked when submitting and again on the server)."""
     from mira.federated.strategies import get_strategy
 
-    settings = RunSettings.from_run_config(run_config)
-    cfg = run_config_of(run_config)
-    cls = get_strategy(cfg.algorithm.name)
-    if cls.pooled:
+    if get_strategy(cfg.algorithm.name).pooled:
         raise MiraError(f"{cfg.algorithm.name!r} trains on the pooled data of all clients, which a federation "
                         "never gathers; run it with `mira run`", where="algorithm.name")
     if cfg.refine is not None:
         raise MiraError("refine hooks are not supported on the Flower runtime yet", where="refine")
+
+
+def run_server(grid, run_config) -> dict:
+    """The ServerApp's body: discover the nodes, then run the engine over them."""
+    import threading
+    from pathlib import Path
+
+    from mira.federated.flower.node import run_config_of
+    from mira.federated.flower.worker import _preload
+
+    settings = RunSettings.from_run_config(run_config)
+    cfg = run_config_of(run_config)
     out = Path(settings.out_dir)
     say(f"{cfg.algorithm.name}: {cfg.federation.rounds} rounds, run directory {out}")
+    preload = threading.Thread(target=_preload, daemon=True)  # import torch & co. while the nodes answer
+    preload.start()
     fleet = Fleet(grid, settings)
     infos = fleet.discover()
+    preload.join()
+    check_supported(cfg)
+    from mira.federated.flower.node import load_slot
+
     tokenizer, slot = load_slot(cfg)
     ws = remote_workspace(cfg, tokenizer, slot, infos)
     engine = _engine_class()(ws, cfg, out, fleet, settings)

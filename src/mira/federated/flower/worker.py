@@ -118,7 +118,7 @@ class Worker:
 
 
 def _preload() -> None:
-    """Import the heavy modules while the SuperNode connects."""
+    """Import the heavy modules ahead of the first request (while the SuperNode connects)."""
     try:
         import mira.federated.flower.node  # noqa: F401
         import mira.federated.engine  # noqa: F401

@@ -3,7 +3,7 @@ not federated). Each round it takes as many steps as all sampled clients togethe
 the total number of steps equals the federated runs'."""
 from __future__ import annotations
 
-from mira.federated.strategies.base import FitIns, FitRes, register_strategy
+from mira.federated.strategies.base import FitRes, register_strategy
 from mira.federated.strategies.fedit import FedIT
 
 

@@ -13,7 +13,9 @@ and ``combine: ties`` elects a sign per entry and takes the disjoint mean, as in
 (mergekit's ``dare_ties``; no magnitude trim).
 
 The random stream of each (tensor, model) pair is seeded from ``seed``, the tensor name
-and the model's index, so a merge is reproducible whatever order tensors are read in.
+and the model's index, so a merge is reproducible whatever order tensors are read in, and
+``combine: ties`` can stream: it draws the same drops again in its second pass over the
+inputs instead of keeping the sparsified vectors.
 """
 from __future__ import annotations
 
