@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("MIRA_THREADS", "1")
@@ -126,6 +127,14 @@ class ServerProcess:
                 raise RuntimeError("the server did not start within 300s")
             time.sleep(0.2)
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process so far (Linux ``/proc``; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -189,6 +198,8 @@ def main() -> None:
     from mira.eval.metrics import eval_loss, generate, generation_metrics
     from mira.io import atomic_write_json
     from mira.models.loader import load_base
+    import mira.prada.client  # noqa: F401  (imported now: the HTTP phase runs the code as it was at the start)
+    import mira.prada.decoding  # noqa: F401
     from mira.prada.models import BuildSettings, PretrainSettings, build_models
     from mira.prada.offset import ProxyPair
     from mira.prada.train import AdapterTraining, train_adapter
@@ -266,6 +277,7 @@ def main() -> None:
     with clock("Prada over HTTP"):
         with ServerProcess(models / "target", work / "server.log") as server:
             prada = prada_generate(server, pair, tokenizer, prompts, args.max_new_tokens, variants)
+            server_cpu = server.cpu_seconds()
     gens["Prada (target + offset)"] = prada["per-token"]["texts"]
     identical = {"speculative == per-token": prada["speculative"]["token_ids"] == prada["per-token"]["token_ids"],
                  f"speculative top-{args.top_k} == per-token top-{args.top_k}":
@@ -284,7 +296,7 @@ def main() -> None:
                                "bytes_vs_per_token": round(m["bytes_total"] / base_m["bytes_total"], 4)}
     result = {
         "task": args.task, "train_records": len(train), "test_records": len(test), "generation_prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens, "lora": lora.__dict__,
+        "max_new_tokens": args.max_new_tokens, "lora": asdict(lora),
         "models": {k: {x: build[k][x] for x in ("parameters", "layers", "hidden", "intermediate", "pretrain",
                                                    "heldout_loss_before", "heldout_loss_after", "seconds",
                                                    "cpu_seconds") if x in build[k]} for k in ("target", "proxy")},
@@ -294,6 +306,9 @@ def main() -> None:
         "communication": communication, "identical_tokens": identical,
         "examples": [{"reference": refs[i], **{k: gens[k][i] for k in gens}} for i in range(min(4, len(refs)))],
         "phases": clock.phases, "total_wall_s": round(time.perf_counter() - t_all, 1),
+        "total_cpu_s": {"experiment_process": round(time.process_time(), 1),
+                        "server_process": None if server_cpu is None else round(server_cpu, 1),
+                        "model_build (in the experiment process when built now)": build.get("cpu_seconds")},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "command": "python " + " ".join(sys.argv),
@@ -311,7 +326,7 @@ def main() -> None:
               f"{m['bytes_vs_per_token']:.2f} | {m['tokens_per_second']:.1f} | {acc} |")
     print(f"\nidentical tokens: {identical}")
     print(f"phases: {clock.phases}")
-    print(f"total {result['total_wall_s']}s; written {args.out}")
+    print(f"total {result['total_wall_s']}s wall; CPU {result['total_cpu_s']}; written {args.out}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Writes ``benchmarks/results/shed_experiment.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -47,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clusters", type=int, default=100)
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--group-size", type=int, default=10)
-    p.add_argument("--value-epochs", type=float, default=1.0, help="passes over S per v(S) (ceil(epochs*|S|/batch) steps)")
+    p.add_argument("--value-epochs", type=float, default=1.0,
+                   help="passes over S per v(S) (ceil(epochs*|S|/batch) steps)")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--beta", type=float, default=1.0, help="QWCS beta on standardised values")
     p.add_argument("--train-steps", type=int, default=80, help="steps of every fine-tune condition")
@@ -70,15 +70,15 @@ def main(argv=None) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    from mira.config import DataConfig
     from mira.data.prompts import tokenize_records
     from mira.data.records import DollySource
-    from mira.config import DataConfig
     from mira.eval.metrics import eval_loss, generate, generation_metrics
     from mira.io import atomic_write_json
     from mira.shed import ShedSettings, refine
     from mira.shed.embed import embed_records
-    from mira.shed.select import select
     from mira.shed.refine import standardized
+    from mira.shed.select import select
     from mira.shed.value import ProxyModel
     from mira.train.trainer import LocalTrainer, TrainSettings
 
@@ -104,14 +104,16 @@ def main(argv=None) -> dict:
     embed_s = time.perf_counter() - t0
     print(f"embedded {len(pool)} records with {args.embedder} in {embed_s:.1f}s", flush=True)
 
-    base_settings = ShedSettings(model=model_path, embedder=args.embedder, budget=k, clusters=args.clusters,
+    base_settings = ShedSettings(model=model_path, embedder=args.embedder, embed_max_length=args.embed_max_length,
+                                 budget=k, clusters=args.clusters,
                                  iterations=args.iterations, group_size=args.group_size, epochs=args.value_epochs,
                                  tolerance=args.tolerance, lr=args.lr, batch_size=args.batch_size,
                                  max_length=args.max_length, beta=args.beta, standardize=True, strategy="qocs")
     proxy = ProxyModel.load(base_settings)
     pad = proxy.pad_id
     test_ds = tokenize_records(test, proxy.tokenizer, args.max_length)
-    trainer = LocalTrainer(proxy.slot, pad, TrainSettings(lr=args.lr, batch_size=args.batch_size, steps=args.train_steps))
+    train_settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, steps=args.train_steps)
+    trainer = LocalTrainer(proxy.slot, pad, train_settings)
 
     def evaluate() -> dict:
         loss, _ = eval_loss(proxy.model, test_ds, pad, 16)
@@ -169,7 +171,8 @@ def main(argv=None) -> dict:
             for name in ("shed_qocs", "shed_qwcs")}
     result = {
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "settings": vars(args) | {"budget_count": k, "shed": base_settings.model_dump(mode="json")},
         "base_model": base,
@@ -198,7 +201,8 @@ def print_table(result: dict) -> None:
         print(f"| {name} | {e['n']} | {e['test_loss_mean']:.4f} ± {e['test_loss_std']:.4f} | "
               f"{e['rouge_l_mean']:.4f} ± {e['rouge_l_std']:.4f} | {e['train_s_mean']:.1f} |")
     refine_s = [r["refine_s"] for r in result["runs"]]
-    print(f"\nrefinement: embedding {result['embed_s']:.1f}s once + clustering/Shapley {np.mean(refine_s):.1f}s per seed; "
+    print(f"\nrefinement: embedding {result['embed_s']:.1f}s once + clustering/Shapley "
+          f"{np.mean(refine_s):.1f}s per seed; "
           f"SHED beats random on test loss in {result['shed_beats_random_test_loss']} of {n_seeds} seeds")
 
 

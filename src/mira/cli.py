@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "mira.shed.cli",
     "mira.prada.cli",
     "mira.merge.cli",
+    "mira.glue.cli",
 ]
 
 

@@ -69,11 +69,11 @@ def test_missing_file_exit_2(tmp_path, capsys):
 
 def test_refine_writes_jsonl_report_and_plot(tmp_path, data_file):
     out = tmp_path / "o" / "refined.jsonl"
-    assert refine(data_file, out, "--budget", "0.2", "--strategy", "qwcs", "--clusters", "8", "--seed", "3",
+    assert refine(data_file, out, "--budget", "0.2", "--strategy", "qwcs", "--clusters", "4", "--seed", "3",
                   "--model", "builtin:demo") == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == round(0.2 * 108)
     assert set(rows[0]) == {"instruction", "input", "output", "task"}
     report = json.loads((out.parent / "shed.json").read_text())
-    assert report["budget_count"] == len(rows) and len(report["clusters"]) == 8
+    assert report["budget_count"] == len(rows) and len(report["clusters"]) == 4
     assert (out.parent / "shed_values.png").stat().st_size > 1000

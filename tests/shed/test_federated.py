@@ -40,7 +40,7 @@ def test_refine_clients_uses_only_each_clients_data_and_is_deterministic():
     logs: list[str] = []
     a = refine_clients(clients, cfg, logs.append)
     b = refine_clients(clients, cfg)
-    for before, after, again in zip(clients, a, b):
+    for before, after, again in zip(clients, a, b, strict=True):
         assert after.id == before.id and after.test == before.test
         assert set(after.train) <= set(before.train) and len(after.train) == 9
         assert after.train == again.train

@@ -34,7 +34,8 @@ def load_data(path: str, source: str, where: str = "DATA"):
     try:
         return SOURCES[source]().load(cfg)
     except MiraError as e:
-        raise MiraError(str(e).removeprefix("data.path: "), where=where if e.where == "data.path" else e.where) from None
+        where = where if e.where == "data.path" else e.where
+        raise MiraError(str(e).removeprefix("data.path: "), where=where) from None
 
 
 class _Bar:
@@ -52,24 +53,34 @@ class _Bar:
 
 def refine_cmd(
     data: str = typer.Argument(..., help="data file (JSON/JSONL, or a folder for natural_instructions)"),
-    budget: str = typer.Option("0.1", "--budget", "-b", help="fraction in (0, 1] (e.g. 0.1) or a record count (e.g. 500)"),
+    budget: str = typer.Option("0.1", "--budget", "-b",
+                               help="fraction in (0, 1] (e.g. 0.1) or a record count (e.g. 500)"),
     strategy: str = typer.Option("qocs", "--strategy", "-s", help="qocs or qwcs"),
-    out: Path = typer.Option(Path("refined.jsonl"), "--out", "-o", help="refined JSONL; shed.json and shed_values.png go next to it"),
+    out: Path = typer.Option(Path("refined.jsonl"), "--out", "-o",
+                             help="refined JSONL; shed.json and shed_values.png go next to it"),
     source: str = typer.Option("json", "--source", help="json, dolly, natural_instructions, gsm8k, ..."),
-    model: str = typer.Option("builtin:demo", "--model", "-m", help="proxy model for v(S): builtin:demo or a folder, e.g. $MIRA_ASSETS/models/stories260K"),
+    model: str = typer.Option("builtin:demo", "--model", "-m",
+                              help="proxy model for v(S): builtin:demo or a model folder "
+                                   "(e.g. $MIRA_ASSETS/models/stories260K)"),
     clusters: Optional[int] = typer.Option(None, "--clusters", "-k", help="k-means clusters [default: ~records/33]"),
     iterations: int = typer.Option(10, "--iterations", help="Monte-Carlo permutations"),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="proxies removed at a time [default: ~clusters/50]"),
+    group_size: Optional[int] = typer.Option(None, "--group-size",
+                                             help="proxies removed at a time [default: ~clusters/50]"),
     beta: float = typer.Option(1.0, "--beta", help="QWCS temperature: P(cluster) ~ exp(beta * value)"),
-    standardize: bool = typer.Option(False, "--standardize", help="QWCS on z-scored values (beta in standard deviations)"),
+    standardize: bool = typer.Option(False, "--standardize",
+                                     help="QWCS on z-scored values (beta in standard deviations)"),
     seed: int = typer.Option(0, "--seed"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of DATA held out to score v(S)"),
-    val_data: Optional[str] = typer.Option(None, "--val-data", help="validation file (same --source) instead of holding out"),
+    val_data: Optional[str] = typer.Option(None, "--val-data",
+                                           help="validation file (same --source) instead of holding out"),
     steps: int = typer.Option(20, "--steps", help="LoRA steps per v(S)"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="instead of --steps: passes over S per v(S) (paper: 3)"),
+    epochs: Optional[float] = typer.Option(None, "--epochs",
+                                           help="instead of --steps: passes over S per v(S) (paper: 3)"),
     metric: str = typer.Option("neg_loss", "--metric", help="neg_loss or token_accuracy"),
-    embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder", help="sentence-transformers model (name or folder) or 'hashing'"),
-    tolerance: float = typer.Option(0.01, "--tolerance", help="truncate an iteration once |v(S)-v(empty)| <= tol*|v(N)-v(empty)|"),
+    embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder",
+                                 help="sentence-transformers model (name or folder) or 'hashing'"),
+    tolerance: float = typer.Option(0.01, "--tolerance",
+                                    help="truncate an iteration once |v(S)-v(empty)| <= tol*|v(N)-v(empty)|"),
     max_length: int = typer.Option(128, "--max-length", help="tokens per example for v(S)"),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="write shed_values.png"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
@@ -81,10 +92,12 @@ def refine_cmd(
     from mira.shed.settings import ShedSettings
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
-    raw: dict[str, Any] = dict(budget=parse_budget(budget), strategy=strategy, model=model, clusters=clusters,
-                               iterations=iterations, group_size=group_size, beta=beta, standardize=standardize, seed=seed,
-                               val_fraction=val_fraction, steps=steps, epochs=epochs, metric=metric, embedder=embedder,
-                               tolerance=tolerance, max_length=max_length)
+    raw: dict[str, Any] = {
+        "budget": parse_budget(budget), "strategy": strategy, "model": model, "clusters": clusters,
+        "iterations": iterations, "group_size": group_size, "beta": beta, "standardize": standardize, "seed": seed,
+        "val_fraction": val_fraction, "steps": steps, "epochs": epochs, "metric": metric, "embedder": embedder,
+        "tolerance": tolerance, "max_length": max_length,
+    }
     settings = ShedSettings.from_mapping(raw, flags=True)
     records = load_data(data, source)
     val = load_data(val_data, source, where="--val-data") if val_data else None

@@ -64,7 +64,8 @@ def refine_clients(clients: list[ClientData], cfg, log_fn: Callable[[str], None]
         try:
             result = refine(c.train, s, proxy=proxy)
         except MiraError as e:
-            raise MiraError(str(e), where=f"refine (client {c.id}, task {c.task!r}, {len(c.train)} train records)") from None
+            context = f"refine (client {c.id}, task {c.task!r}, {len(c.train)} train records)"
+            raise MiraError(str(e), where=context) from None
         log_fn(f"refine: client {c.id} ({c.task}) keeps {len(result.records)}/{len(c.train)} records "
                f"(SHED {s.strategy}, {result.clustering.k} clusters, {result.shapley.evaluations} v(S) evaluations, "
                f"{time.perf_counter() - t0:.1f}s)")

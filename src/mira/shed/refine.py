@@ -60,7 +60,7 @@ class RefineResult:
         clusters = []
         for c, members in enumerate(self.clustering.members):
             positions = cand[members]
-            clusters.append({"id": c, "size": int(len(members)), "proxy": int(positions[0]),
+            clusters.append({"id": c, "size": len(members), "proxy": int(positions[0]),
                              "value": float(self.values[c]), "stderr": float(stderr[c]),
                              "selected": int(sum(int(p) in chosen for p in positions))})
         sh = self.shapley

@@ -57,7 +57,7 @@ def write_app(app_dir: str | os.PathLike, yaml_text: str, settings: RunSettings)
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": APP_NAME, "version": "1.0.0",
                     "description": "A mira federated LoRA run (components come from the installed mira package)",
-                    "license": "Apache-2.0", "dependencies": []},
+                    "dependencies": []},
         "tool": {"flwr": {"app": {
             "publisher": "mira",
             "components": {"serverapp": "mira.federated.flower.server_app:app",
@@ -65,7 +65,7 @@ def write_app(app_dir: str | os.PathLike, yaml_text: str, settings: RunSettings)
             "config": {"mira-config": yaml_text, **settings.to_run_config()},
         }}},
     }
-    (app_dir / "pyproject.toml").write_bytes(tomli_w.dumps(doc).encode())
+    (app_dir / "pyproject.toml").write_bytes(tomli_w.dumps(doc, multiline_strings=True).encode())
     return app_dir
 
 

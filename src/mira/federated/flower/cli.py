@@ -5,6 +5,7 @@
 * ``mira flower register``   register a SuperNode's public key with the SuperLink
 * ``mira flower supernode``  start a SuperNode for one client (``--warm``: keep the model loaded)
 * ``mira flower run``        submit a run with a ``mira run`` YAML config and wait for it
+* ``mira flower app``        write the Flower App only (for ``flwr run`` with your own Flower config)
 * ``mira flower local``      all of the above on 127.0.0.1, in one command
 
 The first four are thin wrappers over ``flower-superlink``, ``flower-supernode`` and the
@@ -255,6 +256,25 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as 
             console.print(tail, highlight=False, markup=False)
             raise MiraError(f"run {run_id} ended {status}: {info.get('status-details')}")
     _print_summary(Path(settings.out_dir), info)
+
+
+@flower_app.command("app")
+def app_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as for `mira run`"),
+            app_dir: Path = typer.Option(..., "--app-dir", help="folder to write the Flower App into"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory, on the SuperLink's machine"),
+            set_: List[str] = typer.Option([], "--set"),
+            round_timeout: float = typer.Option(0.0, "--round-timeout"),
+            straggler_timeout: float = typer.Option(-1.0, "--straggler-timeout"),
+            node_wait: float = typer.Option(600.0, "--node-wait"),
+            resume: bool = typer.Option(False, "--resume")):
+    """Write the Flower App for a config, to submit yourself with `flwr run APP_DIR <connection>`."""
+    from mira.federated.flower import bundle
+
+    cfg, raw = _load(config, set_, resume, out)
+    out = out or Path("runs") / f"flower-{cfg.algorithm.name}"
+    app = bundle.write_app(app_dir, bundle.config_text(raw),
+                           _settings(out, round_timeout, straggler_timeout, node_wait, resume))
+    console.print(f"Flower App written to {app}/pyproject.toml; submit it with: flwr run {app} <connection> --stream")
 
 
 def _num_clients(cfg) -> int:

@@ -290,6 +290,12 @@ class LocalFederation:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and tagged_pids(self.tag):
             time.sleep(0.1)
+        import glob
+        import shutil
+        import tempfile
+
+        for d in glob.glob(os.path.join(tempfile.gettempdir(), f"mira-worker-{self.tag[:12]}-*")):
+            shutil.rmtree(d, ignore_errors=True)  # sockets of workers that were killed
         return self.leftovers()
 
     def leftovers(self) -> list[str]:

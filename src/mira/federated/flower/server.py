@@ -60,6 +60,8 @@ class Fleet:
         self.bad: dict[int, str] = {}  # node id -> why it is not used
         self.k: int | None = None
         self.hello_bytes = 0
+        self._asked: dict[str, tuple] = {}  # hello message id -> (node id, message, time sent)
+        self.hello_wait = min(120.0, settings.node_wait)
 
     def online(self) -> set[int]:
         return set(self.grid.get_node_ids())
@@ -83,31 +85,43 @@ class Fleet:
     def complete(self) -> bool:
         return self.k is not None and all(c in self.node_of for c in range(self.k))
 
-    def _hello(self, node_ids: list[int], wait: float) -> None:
-        """Ask ``node_ids`` who they are; wait up to ``wait`` seconds for the answers."""
-        msgs = {n: Message(RecordDict(), dst_node_id=n, message_type=MSG_HELLO, group_id="hello",
-                           ttl=max(wait, 60.0)) for n in node_ids}
-        for n, rep in self._push_pull(msgs, timeout=wait, min_ok=len(msgs), straggler=-1, watch=False).items():
-            if isinstance(rep, str):
-                self.log(f"node {n} did not answer hello ({rep}); will ask again")
+    def _greet(self) -> None:
+        """Send ``hello`` to nodes not asked yet (again after ``hello_wait``); take in the answers."""
+        now = time.monotonic()
+        for mid, (n, msg, sent) in list(self._asked.items()):
+            if now - sent > self.hello_wait:
+                self.log(f"node {n} did not answer hello in {self.hello_wait:.0f}s; asking again")
+                del self._asked[mid]
+        asked = {n for n, _, _ in self._asked.values()}
+        new = sorted(self.online() - set(self.nodes) - set(self.bad) - asked)
+        if new:
+            msgs = [Message(RecordDict(), dst_node_id=n, message_type=MSG_HELLO, group_id="hello",
+                            ttl=max(self.hello_wait, 60.0)) for n in new]
+            for msg, mid in zip(msgs, self.grid.push_messages(msgs)):
+                if mid:
+                    self._asked[mid] = (msg.metadata.dst_node_id, msg, now)
+        if not self._asked:
+            return
+        for rep in self.grid.pull_messages(list(self._asked)):
+            entry = self._asked.pop(rep.metadata.reply_to_message_id, None)
+            if entry is None:
                 continue
-            self.hello_bytes += payload_bytes(msgs[n]) + payload_bytes(rep)
+            n, msg, _ = entry
+            self.hello_bytes += payload_bytes(msg) + payload_bytes(rep)
             if rep.has_error():
                 self.bad[n] = _error_text(rep)
                 self.log(f"node {n} refused: {self.bad[n]}")
-            else:
-                try:
-                    self._add(parse_hello(n, rep.content))
-                except (KeyError, TypeError, ValueError) as e:
-                    self.bad[n] = f"malformed hello: {e}"
+                continue
+            try:
+                self._add(parse_hello(n, rep.content))
+            except (KeyError, TypeError, ValueError) as e:
+                self.bad[n] = f"malformed hello: {e}"
 
     def discover(self) -> list[NodeInfo]:
         """Wait (``node_wait``) until every client id 0..K-1 has a node; K comes from the nodes."""
         t0 = time.monotonic()
         while True:
-            new = sorted(self.online() - set(self.nodes) - set(self.bad))
-            if new:
-                self._hello(new, wait=min(120.0, self.s.node_wait))
+            self._greet()
             if self.complete():
                 break
             waited = time.monotonic() - t0
@@ -117,16 +131,19 @@ class Fleet:
                 bad = "; ".join(f"node {n}: {r}" for n, r in self.bad.items())
                 what = f"clients {missing} have no SuperNode" if self.k else "no SuperNode answered"
                 raise MiraError(f"after {waited:.0f}s {what}" + (f" ({bad})" if bad else ""), where="node-wait")
-            time.sleep(max(self.s.poll, 1.0))
+            time.sleep(self.s.poll)
         self.log(f"{self.k} clients: " + ", ".join(f"{c}->node {self.node_of[c]} ({self.nodes[self.node_of[c]].task})"
                                                    for c in range(self.k)))
         return [self.nodes[self.node_of[c]] for c in range(self.k)]
 
-    def refresh(self) -> None:
-        """Greet nodes that joined since the last round (e.g. a restarted SuperNode)."""
-        new = sorted(self.online() - set(self.nodes) - set(self.bad))
-        if new:
-            self._hello(new, wait=min(60.0, self.s.node_wait))
+    def refresh(self, wait: float = 30.0) -> None:
+        """Greet nodes that joined since the last round (e.g. a restarted SuperNode); give
+        their answers up to ``wait`` seconds so they can take part in this round."""
+        t0 = time.monotonic()
+        self._greet()
+        while self._asked and time.monotonic() - t0 < wait:
+            time.sleep(self.s.poll)
+            self._greet()
 
     def _push_pull(self, msgs: dict, timeout: float, min_ok: int, straggler: float,
                    watch: bool) -> dict:

@@ -139,7 +139,8 @@ def run(supernode_cmd: list[str]) -> int:
     cmd = list(supernode_cmd)
     if "--node-config" not in cmd:
         raise MiraError("the SuperNode command has no --node-config", where="--node-config")
-    sock_dir = tempfile.mkdtemp(prefix="mira-worker-")
+    tag = os.environ.get("MIRA_FLOWER_TAG", "")[:12]  # set by LocalFederation, which removes leftovers
+    sock_dir = tempfile.mkdtemp(prefix=f"mira-worker-{tag}-" if tag else "mira-worker-")
     address = os.path.join(sock_dir, "worker.sock")
     Worker().serve(address)
     threading.Thread(target=_preload, daemon=True).start()

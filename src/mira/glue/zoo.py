@@ -1,0 +1,238 @@
+"""The zoo file (``mira glue ZOO.yaml``) and loading its members into memory.
+
+A zoo lists models or LoRA adapters, an optional base model, and a small validation set
+per target task::
+
+    base_model: ${MIRA_ASSETS}/models/stories260K   # adapters: default from adapter_config.json
+    members:                                         # or `run: runs/x` (adapters/client_* + summary.json)
+      - {name: brainstorming, path: runs/x/adapters/client_0, task: brainstorming}
+    validation:                                      # a JSONL of Record fields, or a `data:` source spec
+      path: val.jsonl
+      tasks: [brainstorming, open_qa]
+      max_per_task: 16
+      max_length: 96
+    test: {...}                                      # optional held-out set, same format
+    cluster: {threshold: 0.95}
+    strategy: {name: heuristic_coefficient, budget: 30}
+    mixture: {kind: auto, temperature: 0.05, train_steps: 0}
+
+Relative paths are resolved against the current folder, then against the zoo file's.
+Every mistake is a ``MiraError`` naming the field.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mira.errors import MiraError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MemberSpec(_Strict):
+    """One zoo member: a PEFT adapter folder or a Hugging Face model folder."""
+
+    path: str
+    name: str | None = None
+    task: str | None = None
+    """The task the member was trained for (its "own prompts" for the router)."""
+
+
+class EvalSetSpec(_Strict):
+    """A validation or test set: ``path`` (JSONL/JSON with Record fields) or ``data`` (a source spec)."""
+
+    path: str | None = None
+    data: dict[str, Any] | None = None
+    tasks: list[str] | None = None
+    max_per_task: int = Field(16, gt=0)
+    max_length: int = Field(96, gt=8)
+    skip_per_task: int = Field(0, ge=0)
+    """Drop this many records of each task first (e.g. those a run trained on)."""
+    seed: int = 0
+
+
+class ClusterSpec(_Strict):
+    threshold: float = Field(0.95, ge=-1.0, le=1.0)
+
+
+class StrategySpec(_Strict):
+    name: str = "heuristic_coefficient"
+    budget: int = Field(30, gt=0)
+    """Most validation evaluations per cluster (evolutionary); the heuristics need fewer."""
+    sigma: float = Field(0.3, gt=0)
+    method: str | None = None
+    """In-memory merge method; default ``linear`` (adapters, factors) or ``task_arithmetic`` (models + base)."""
+
+
+class MixtureSpec(_Strict):
+    kind: Literal["auto", "router", "lora"] = "auto"
+    """The final model: ``router`` picks one cluster merge per input; ``lora`` mixes them per sequence;
+    ``auto`` takes whichever of the two has the lower validation loss (``router`` for full models)."""
+    temperature: float = Field(0.05, gt=0)
+    train_steps: int = Field(0, ge=0)
+    lr: float = Field(0.05, gt=0)
+
+
+class ZooSpec(_Strict):
+    base_model: str | None = None
+    members: list[MemberSpec] = Field(default_factory=list)
+    run: str | None = None
+    validation: EvalSetSpec
+    test: EvalSetSpec | None = None
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    mixture: MixtureSpec = Field(default_factory=MixtureSpec)
+    batch_size: int = Field(16, gt=0)
+    seed: int = 0
+
+
+def load_zoo(source: str | os.PathLike | dict) -> tuple[ZooSpec, Path]:
+    """Parse a zoo file (or dict); return the spec and the folder relative paths resolve against."""
+    from mira.config import _expand
+
+    if isinstance(source, dict):
+        raw, root = source, Path.cwd()
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise MiraError(f"zoo file not found: {source}", where="zoo")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MiraError(f"malformed YAML: {str(e).splitlines()[0]}", where=str(p)) from e
+        root = p.resolve().parent
+    if not isinstance(raw, dict):
+        raise MiraError("a zoo file is a mapping (base_model, members, validation, ...)", where="zoo")
+    raw = _expand(raw, "")
+    try:
+        spec = ZooSpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "zoo"
+        raise MiraError(err["msg"], where=where) from e
+    if not spec.members and not spec.run:
+        raise MiraError("list the zoo's members (members: [...]) or a run folder (run: DIR)", where="members")
+    for name, es in (("validation", spec.validation), ("test", spec.test)):
+        if es is not None and (es.path is None) == (es.data is None):
+            raise MiraError("give exactly one of path (a JSONL file) or data (a source spec)", where=name)
+    return spec, root
+
+
+def resolve(path: str, root: Path, where: str) -> Path:
+    """``path`` as given if it exists, else relative to ``root``; an error if neither exists."""
+    p = Path(os.path.expanduser(path))
+    if p.exists():
+        return p
+    if not p.is_absolute() and (root / p).exists():
+        return root / p
+    raise MiraError(f"not found: {path}", where=where)
+
+
+@dataclass
+class Member:
+    """A zoo member in memory: its tensors (PEFT key names for adapters), kind and task."""
+
+    name: str
+    path: Path
+    kind: Literal["adapter", "model"]
+    state: dict[str, torch.Tensor]
+    task: str | None = None
+    model_type: str = ""
+    config: dict = field(default_factory=dict)
+    """adapter_config.json (adapters) or config.json (models)."""
+
+    @property
+    def signature(self) -> tuple:
+        """Architecture key: model type, and every tensor's name and shape."""
+        return (self.kind, self.model_type, tuple(sorted((k, tuple(v.shape)) for k, v in self.state.items())))
+
+
+def _read_tensors(folder: Path, where: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update(load_file(str(f)))
+        return out
+    bins = sorted(folder.glob("*.bin"))
+    if bins:
+        out = {}
+        for f in bins:
+            out.update(torch.load(f, map_location="cpu", weights_only=True))
+        return out
+    raise MiraError(f"{folder} has no weights (*.safetensors or *.bin)", where=where)
+
+
+def _model_type(folder: Path) -> str:
+    cfg = folder / "config.json"
+    if cfg.exists():
+        return str(json.loads(cfg.read_text()).get("model_type", ""))
+    return ""
+
+
+def member_specs(spec: ZooSpec, root: Path) -> list[MemberSpec]:
+    """The explicit members plus, with ``run:``, each ``adapters/client_*`` of that run (task from summary.json)."""
+    out = list(spec.members)
+    if spec.run:
+        run = resolve(spec.run, root, "run")
+        tasks: dict[int, str] = {}
+        summary = run / "summary.json"
+        if summary.exists():
+            tasks = {int(c["id"]): c.get("task") for c in json.loads(summary.read_text()).get("clients", [])}
+        folders = sorted((run / "adapters").glob("client_*"), key=lambda p: int(p.name.split("_")[-1]))
+        if not folders:
+            raise MiraError(f"{run} has no adapters/client_* folders", where="run")
+        for f in folders:
+            cid = int(f.name.split("_")[-1])
+            task = tasks.get(cid)
+            out.append(MemberSpec(path=str(f), name=f"client_{cid}" + (f":{task}" if task else ""), task=task))
+    return out
+
+
+def load_members(spec: ZooSpec, root: Path) -> tuple[list[Member], Path | None]:
+    """Load every member's tensors; return them and the base model folder (``None`` if not needed)."""
+    members: list[Member] = []
+    base = resolve(spec.base_model, root, "base_model") if spec.base_model else None
+    names: set[str] = set()
+    for i, m in enumerate(member_specs(spec, root)):
+        where = f"members[{i}]"
+        folder = resolve(m.path, root, f"{where}.path")
+        if not folder.is_dir():
+            raise MiraError(f"{m.path} is not a folder", where=f"{where}.path")
+        name = m.name or folder.name
+        if name in names:
+            name = f"{name}#{i}"
+        names.add(name)
+        if (folder / "adapter_config.json").exists():
+            cfg = json.loads((folder / "adapter_config.json").read_text())
+            if cfg.get("peft_type", "LORA") != "LORA":
+                raise MiraError(f"only LoRA adapters are supported, not {cfg.get('peft_type')}", where=where)
+            if base is None:
+                guess = cfg.get("base_model_name_or_path")
+                if not guess or not Path(guess).exists():
+                    raise MiraError("adapters need a base model: set base_model", where="base_model")
+                base = Path(guess)
+            members.append(Member(name, folder, "adapter", _read_tensors(folder, where), m.task,
+                                  _model_type(base) + f"+lora(r={cfg.get('r')})", cfg))
+        elif (folder / "config.json").exists():
+            members.append(Member(name, folder, "model", _read_tensors(folder, where), m.task, _model_type(folder),
+                                  json.loads((folder / "config.json").read_text())))
+        else:
+            raise MiraError(f"{m.path} is neither a PEFT adapter nor a Hugging Face model folder", where=where)
+    if not members:
+        raise MiraError("the zoo has no members", where="members")
+    kinds = {m.kind for m in members}
+    if len(kinds) > 1:
+        raise MiraError("mix of adapters and full models: use one kind per zoo", where="members")
+    return members, base
