@@ -29,7 +29,7 @@ def test_cli_end_to_end(tiny_zoo, tmp_path, capsys):
     assert by["router"]["init_accuracy"] == 1.0
     assert by["router"]["val_mean_loss"] < by[res["best_single"]]["val_mean_loss"]
     assert res["final"] == "router" and res["final_beats_best_single_val"]
-    assert res["clusters"][0]["weights"] == [1.0, 1.0]  # the copy changes nothing, so average keeps it
+    assert res["clusters"][0]["weights"] == [0.5, 0.5]  # the copy changes nothing, so average keeps it
     for f in ("glue.json", "glue.md", "glue.png", "router.pt", "clusters/cluster_0/adapter_config.json",
               "clusters/cluster_1/adapter_model.safetensors"):
         assert (out / f).exists(), f

@@ -10,20 +10,25 @@ Steps: cluster the members (``similarity``), merge inside each cluster with a st
 evolutionary), mix the cluster merges with a hidden-state router (``router``) or per
 sequence on one base (``lora_mixture``), and report (``report``). See ``docs/glue.md``.
 """
-from mira.glue.pipeline import load_eval_set, run_glue
-from mira.glue.router import HiddenRouter
-from mira.glue.scoring import Evaluator, score_of, sequence_losses, task_losses
-from mira.glue.similarity import cluster, column_cosine, similarity, similarity_matrix
-from mira.glue.strategies import (
-           Selection,
-           Strategy,
-           StrategyOptions,
-           get_strategy,
-           register_strategy,
-           strategy_names,
-)
-from mira.glue.zoo import Member, ZooSpec, load_zoo
+import importlib
 
-__all__ = ["Evaluator", "HiddenRouter", "Member", "Selection", "Strategy", "StrategyOptions", "ZooSpec", "cluster",
-           "column_cosine", "get_strategy", "load_eval_set", "load_zoo", "register_strategy", "run_glue", "score_of",
-           "sequence_losses", "similarity", "similarity_matrix", "strategy_names", "task_losses"]
+# Exports are loaded on first use (PEP 562), so `mira --help` does not import torch.
+_EXPORTS = {
+    "load_eval_set": "pipeline", "run_glue": "pipeline", "HiddenRouter": "router",
+    "Evaluator": "scoring", "score_of": "scoring", "sequence_losses": "scoring", "task_losses": "scoring",
+    "cluster": "similarity", "column_cosine": "similarity", "similarity": "similarity",
+    "similarity_matrix": "similarity", "Selection": "strategies", "Strategy": "strategies",
+    "StrategyOptions": "strategies", "get_strategy": "strategies", "register_strategy": "strategies",
+    "strategy_names": "strategies", "Member": "zoo", "ZooSpec": "zoo", "load_zoo": "zoo",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"mira.glue.{_EXPORTS[name]}")
+        for export, where in _EXPORTS.items():  # also replaces same-named submodule attributes
+            if where == _EXPORTS[name]:
+                globals()[export] = getattr(module, export)
+        return globals()[name]
+    raise AttributeError(f"module 'mira.glue' has no attribute {name!r}")

@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mira.glue.pipeline import run_glue
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +26,8 @@ def glue_command(
 ) -> None:
     """Cluster the zoo, merge each cluster selectively, mix the merges with a router, and report."""
     console = Console(stderr=True)
+    from mira.glue.pipeline import run_glue
+
     result = run_glue(zoo, out, overwrite=overwrite,
                       log=(lambda s: None) if quiet else (lambda s: console.print(s, highlight=False)))
     best = next(e for e in result["entries"] if e["name"] == result["best_single"])

@@ -164,7 +164,8 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
         expert_test.append(t_l)
         v, t = per_task(v_l, t_l)
         name = f"cluster_{ci}"
-        info = {"members": [members[i].name for i in idx], "weights": [float(w) for w in weights],
+        total = sum(weights)
+        info = {"members": [members[i].name for i in idx], "weights": [float(w) / total for w in weights],
                 "strategy": strategy.name if len(idx) > 1 else "single", "trace": trace,
                 "tasks": sorted({task for i in idx for task in owned[i]})}
         cluster_info.append(info)

@@ -10,10 +10,26 @@ The recipe format, the methods' formulas and the LoRA ``factors``/``delta`` spac
 described in ``docs/merge.md``. Merges stream tensor by tensor (``mira.merge.engine``);
 methods are classes in ``mira.merge.methods`` registered by name (``mira.merge.registry``).
 """
-from mira.merge.engine import DEFAULT_SHARD_MB, MergeResult, merge
-from mira.merge.recipe import MergeParameters, MergeRecipe, ModelEntry, ModelParameters, load_recipe
-from mira.merge.registry import MergeMethod, MergeParams, get_method, method_names, register_method
-from mira.merge.state import merge_state_dicts
+import importlib
+
+# Exports are loaded on first use (PEP 562), so `mira --help` does not import torch.
+_EXPORTS = {
+    "DEFAULT_SHARD_MB": "engine", "MergeResult": "engine", "merge": "engine",
+    "MergeParameters": "recipe", "MergeRecipe": "recipe", "ModelEntry": "recipe", "ModelParameters": "recipe",
+    "load_recipe": "recipe", "MergeMethod": "registry", "MergeParams": "registry", "get_method": "registry",
+    "method_names": "registry", "register_method": "registry", "merge_state_dicts": "state",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"mira.merge.{_EXPORTS[name]}")
+        for export, where in _EXPORTS.items():  # also replaces same-named submodule attributes
+            if where == _EXPORTS[name]:
+                globals()[export] = getattr(module, export)
+        return globals()[name]
+    raise AttributeError(f"module 'mira.merge' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_SHARD_MB",

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mira.merge.engine import DEFAULT_SHARD_MB, merge
+DEFAULT_SHARD_MB = 1024.0  # mirrors mira.merge.engine.DEFAULT_SHARD_MB; torch is imported only when a merge runs
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +33,8 @@ def merge_command(
     RECIPE is a YAML file with merge_method (linear, task_arithmetic, ties, dare, slerp),
     models, base_model, dtype and parameters; see docs/merge.md.
     """
+    from mira.merge.engine import merge
+
     console = Console(stderr=True)
     with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=quiet) as bar:

@@ -13,11 +13,22 @@ Pipeline, one algorithm per module:
 * ``federated``: ``refine_clients`` for the ``refine:`` section of a run config;
 * ``cli``: ``mira refine``.
 """
-from mira.shed.refine import RefineResult, refine
-from mira.shed.report import write_outputs
-from mira.shed.select import SELECTORS, Selector, register_selector
-from mira.shed.settings import ShedSettings
-from mira.shed.shapley import CachedValue, ShapleyResult, monte_carlo_shapley
+import importlib
 
-__all__ = ["refine", "RefineResult", "ShedSettings", "write_outputs", "SELECTORS", "Selector", "register_selector",
-           "monte_carlo_shapley", "ShapleyResult", "CachedValue"]
+# Exports are loaded on first use (PEP 562), so `mira --help` does not import torch.
+_EXPORTS = {
+    "refine": "refine", "RefineResult": "refine", "write_outputs": "report", "SELECTORS": "select",
+    "Selector": "select", "register_selector": "select", "ShedSettings": "settings",
+    "monte_carlo_shapley": "shapley", "ShapleyResult": "shapley", "CachedValue": "shapley",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"mira.shed.{_EXPORTS[name]}")
+        for export, where in _EXPORTS.items():  # also replaces same-named submodule attributes
+            if where == _EXPORTS[name]:
+                globals()[export] = getattr(module, export)
+        return globals()[name]
+    raise AttributeError(f"module 'mira.shed' has no attribute {name!r}")
