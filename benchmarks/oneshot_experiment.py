@@ -10,7 +10,8 @@ trains 4 steps per client and uploads once), evaluated only at the end. Models:
 
 * ``stories260K``: the real pre-trained Llama (260,032 parameters) from ``--assets``;
 * ``x4`` and ``x16``: Llamas built by ``mira.models.zoo`` with stories260K's tokenizer, ~4x and
-  ~16x the parameters, pre-trained briefly on TinyStories (cached under ``--cache``).
+  ~16x the parameters, pre-trained briefly on TinyStories (cached under ``--cache``);
+* ``x1``: stories260K's architecture pre-trained with that same brief recipe (a control).
 
 For each model and seed both algorithms run on the same workspace (same partition, same
 initial adapter). Recorded: mean global and local test loss, the base model's global test
@@ -18,7 +19,9 @@ loss (the initial adapter: LoRA B = 0), the gap (oneshot - fedit), the gap relat
 fedit's improvement over the base, and the communication ratio (fedit bytes / oneshot bytes,
 up + down).
 
-    MIRA_THREADS=1 python benchmarks/oneshot_experiment.py --assets /work/shared --seeds 0,1,2
+    MIRA_THREADS=1 python benchmarks/oneshot_experiment.py --assets /work/shared --seeds 0,1,2 --test-size 20
+
+See docs/oneshot.md for the results.
 
 Results: ``benchmarks/results/oneshot.json`` (written after every run, so a cut-off run keeps
 what it finished); a table is printed.
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--assets", default=os.environ.get("MIRA_ASSETS"), help="folder with data/ and models/ (or MIRA_ASSETS)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--models", default="stories260K,x4,x16")
+    p.add_argument("--models", default="stories260K,x1,x4,x16")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=1)
     p.add_argument("--test-size", type=int, default=None, help="test examples per client (dolly.yaml: 25)")

@@ -85,7 +85,7 @@ def federations(tmp_path):
     yield make
     leftovers = []
     for fed in made:
-        leftovers += fed.close()
+        leftovers += fed.close(grace=2.0)
     assert not leftovers, f"processes survived the test: {leftovers}"
 
 

@@ -119,7 +119,7 @@ def test_killed_supernode_is_left_out_and_keeps_its_adapter(federations, referen
     assert max_diff(flw[2], round1[2]) <= ATOL  # the killed client's last adapter is kept
     assert max_diff(flw[0], round1[0]) > 1e-4  # the others trained on in round 2
 
-    assert fed.close() == []  # nothing survives, the killed node's children included
+    assert fed.close(grace=2.0) == []  # nothing survives, the killed node's children included
 
 
 def _running(pid: int) -> bool:

@@ -236,7 +236,8 @@ def remote_workspace(cfg, tokenizer, slot, infos: list[NodeInfo]):
                      [_Count(i.n_test) for i in infos], None)
 
 
-def _engine_class():
+def flower_engine_class():
+    """``FlowerEngine`` (built on first use: importing the engine pulls in torch)."""
     from mira.federated.engine import Engine, derive_seed
     from mira.federated.strategies import FitRes
     from mira.federated.wire import WireCodec, WireError
@@ -435,7 +436,7 @@ def run_server(grid, run_config) -> dict:
 
     tokenizer, slot = load_slot(cfg)
     ws = remote_workspace(cfg, tokenizer, slot, infos)
-    engine = _engine_class()(ws, cfg, out, fleet, settings)
+    engine = flower_engine_class()(ws, cfg, out, fleet, settings)
     summary = engine.run(resume=settings.resume)
     say(f"done: mean local test loss {summary['mean_local_test_loss']:.4f}, "
         f"bytes up {summary['bytes_up']:,}, down {summary['bytes_down']:,}; written to {out}")

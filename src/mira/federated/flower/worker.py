@@ -54,6 +54,8 @@ class Worker:
     def __init__(self):
         self.key = None
         self.runtime = None
+        self.listener = None
+        self.closed = False
 
     def _runtime(self, text: str, cfg, spec):
         from mira.federated.flower.node import NodeRuntime
@@ -92,14 +94,14 @@ class Worker:
         fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key)
-        listener = Listener(address, family="AF_UNIX", authkey=key)
+        listener = self.listener = Listener(address, family="AF_UNIX", authkey=key)
         os.chmod(address, 0o600)
 
         def loop():
-            while True:
+            while not self.closed:
                 try:
                     conn = listener.accept()
-                except Exception:  # noqa: BLE001 - a client that fails authentication
+                except Exception:  # noqa: BLE001 - a client that fails authentication, or close()
                     continue
                 with conn:
                     try:
@@ -115,6 +117,15 @@ class Worker:
         t = threading.Thread(target=loop, name="mira-node-worker", daemon=True)
         t.start()
         return t
+
+    def close(self) -> None:
+        """Stop listening and remove the socket (the accept thread is a daemon and ends with the process)."""
+        self.closed = True
+        if self.listener is not None:
+            try:
+                self.listener.close()
+            except OSError:
+                pass
 
 
 def _preload() -> None:
@@ -142,7 +153,8 @@ def run(supernode_cmd: list[str]) -> int:
     tag = os.environ.get("MIRA_FLOWER_TAG", "")[:12]  # set by LocalFederation, which removes leftovers
     sock_dir = tempfile.mkdtemp(prefix=f"mira-worker-{tag}-" if tag else "mira-worker-")
     address = os.path.join(sock_dir, "worker.sock")
-    Worker().serve(address)
+    worker = Worker()
+    worker.serve(address)
     threading.Thread(target=_preload, daemon=True).start()
     i = cmd.index("--node-config") + 1
     cmd[i] = with_worker(cmd[i], address)
@@ -159,11 +171,11 @@ def run(supernode_cmd: list[str]) -> int:
     finally:
         if child.poll() is None:
             child.kill()
-        for p in (address, str(_key_path(address))):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        worker.close()
+        try:
+            os.unlink(_key_path(address))
+        except OSError:
+            pass
         try:
             os.rmdir(sock_dir)
         except OSError:
