@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     try:
         r = run_engine(raw, tmp / "engine")
         results.append(r)
-        print(f"engine: rounds {['%.2f' % x for x in r['round_s']]} s", flush=True)
+        print(f"engine: rounds {[f'{x:.2f}' for x in r['round_s']]} s", flush=True)
         for mode in [m for m in args.modes.split(",") if m]:
             cfg = copy.deepcopy(raw)
             if mode.endswith("bf16"):
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             r = run_flower(cfg, tmp / mode, tmp / f"{mode}_fed", warm=mode.startswith("warm"), tls=mode.endswith("tls"))
             r["mode"] = mode
             results.append(r)
-            print(f"{mode}: rounds {['%.2f' % x for x in r['round_s']]} s, run {r['run_total_s']:.1f} s", flush=True)
+            print(f"{mode}: rounds {[f'{x:.2f}' for x in r['round_s']]} s, run {r['run_total_s']:.1f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info["loadavg_end"] = os.getloadavg()

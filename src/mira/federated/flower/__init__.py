@@ -1,0 +1,8 @@
+"""mira on Flower 1.41: the same strategies as the in-process engine, run across machines.
+
+``server_app``/``client_app`` are the Flower components; ``server`` (``FlowerEngine``,
+``Fleet``) drives the strategy; ``node`` (and ``worker`` for warm nodes) trains with
+``client_fit``; ``protocol`` defines the messages; ``bundle``/``launch``/``cli`` submit
+runs and start SuperLinks and SuperNodes; ``certs`` makes test certificates. See
+``docs/flower.md``.
+"""

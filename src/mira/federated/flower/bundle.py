@@ -109,7 +109,7 @@ def flwr(home: str | os.PathLike, *args: str, timeout: float = 120, check: bool 
     full_env = {**os.environ, **QUIET_ENV, **(env or {}), "FLWR_HOME": str(home)}
     try:
         proc = subprocess.run([flower_bin("flwr"), *args], env=full_env, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise MiraError(f"flwr {' '.join(args[:2])} did not finish in {timeout:.0f}s") from None
     if check and proc.returncode != 0:

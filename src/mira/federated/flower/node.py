@@ -160,7 +160,8 @@ class NodeRuntime:
         keys = self.wire_keys(task.keys)
         codec = self.lossless if task.lossless else self.codec
         adapter = codec.decode(task.buf, keys)
-        ins = FitIns(adapter=adapter, frozen=frozenset(task.frozen), prox_mu=task.prox_mu)
+        ins = FitIns(adapter=adapter, frozen=frozenset(task.frozen), prox_mu=task.prox_mu,
+                     **({"step_scale": task.step_scale} if task.step_scale != 1 else {}))
         new, res = client_fit(self.slot, self.trainer, self.train, ins, task.seed)
         buf = codec.encode(new, keys)
         return buf, {"n_train": len(self.train), "train_loss": float(res.loss), "steps": int(res.steps),

@@ -8,7 +8,7 @@ Three message types, each a ``RecordDict``:
 * ``train.mira_fit``: ``"adapter"`` (an ``ArrayRecord`` with one ``Array`` holding a
   ``WireCodec`` buffer: the adapter in ``federation.wire_dtype``) and ``"fit"`` (a
   ``ConfigRecord``: round, seed, prox_mu, frozen keys, the keys on the wire when
-  not all of them, whether the exchange is lossless). The reply carries the trained
+  not all of them, whether the exchange is lossless, the step scale of one-shot). The reply carries the trained
   adapter the same way plus a ``MetricRecord`` (n_train, train_loss, steps, tokens,
   step time).
 * ``evaluate.mira_eval``: ``"adapters"`` (every distinct adapter the server holds,
@@ -83,6 +83,7 @@ class FitTask:
     frozen: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # the wire keys; empty: all adapter keys
     lossless: bool = False  # float32 both ways (strategies that exchange nothing in mira's accounting)
+    step_scale: int = 1  # local steps = step_scale x R (one-shot trains the whole budget at once)
 
 
 def fit_content(t: FitTask) -> RecordDict:
@@ -90,14 +91,15 @@ def fit_content(t: FitTask) -> RecordDict:
         "adapter": ArrayRecord({"adapter": wire_array(t.buf)}),
         "fit": ConfigRecord({"round": t.rnd, "seed": t.seed, "prox_mu": float(t.prox_mu),
                              "frozen": list(t.frozen), "keys": list(t.keys),
-                             "lossless": bool(t.lossless)}),
+                             "lossless": bool(t.lossless), "step_scale": int(t.step_scale)}),
     })
 
 
 def parse_fit(content: RecordDict) -> FitTask:
     c = content["fit"]
     return FitTask(array_bytes(content["adapter"]["adapter"]), int(c["round"]), int(c["seed"]), float(c["prox_mu"]),
-                   [str(k) for k in c.get("frozen", [])], [str(k) for k in c.get("keys", [])], bool(c["lossless"]))
+                   [str(k) for k in c.get("frozen", [])], [str(k) for k in c.get("keys", [])], bool(c["lossless"]),
+                   int(c.get("step_scale", 1)))
 
 
 def fit_reply(buf: bytes, metrics: dict) -> RecordDict:

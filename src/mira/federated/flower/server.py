@@ -26,9 +26,19 @@ from typing import Callable
 from flwr.app import Message, RecordDict
 
 from mira.errors import MiraError
-from mira.federated.flower.protocol import (MSG_EVAL, MSG_FIT, MSG_HELLO, FitTask, NodeInfo, eval_content,
-                                            fit_content, parse_eval_reply, parse_fit_reply, parse_hello,
-                                            payload_bytes)
+from mira.federated.flower.protocol import (
+    MSG_EVAL,
+    MSG_FIT,
+    MSG_HELLO,
+    FitTask,
+    NodeInfo,
+    eval_content,
+    fit_content,
+    parse_eval_reply,
+    parse_fit_reply,
+    parse_hello,
+    payload_bytes,
+)
 from mira.federated.flower.settings import RunSettings
 
 
@@ -287,7 +297,8 @@ def flower_engine_class():
                     self.bytes_down += len(buf)
                 contents[cid] = fit_content(FitTask(buf, rnd, derive_seed(self.cfg.seed, rnd, cid), ins.prox_mu,
                                                     sorted(ins.frozen), [] if keys == all_keys else keys,
-                                                    lossless=not exchanges))
+                                                    lossless=not exchanges,
+                                                    step_scale=int(getattr(ins, "step_scale", 1))))
             replies = self.fleet.exchange(MSG_FIT, contents, group=f"fit-{rnd}",
                                           min_ok=self.cfg.federation.min_clients)
             self._count("fit", replies)

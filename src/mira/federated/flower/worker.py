@@ -101,7 +101,7 @@ class Worker:
             while not self.closed:
                 try:
                     conn = listener.accept()
-                except Exception:  # noqa: BLE001 - a client that fails authentication, or close()
+                except Exception:  # noqa: BLE001, S112 - a client that failed authentication, or close()
                     continue
                 with conn:
                     try:
@@ -131,12 +131,13 @@ class Worker:
 def _preload() -> None:
     """Import the heavy modules ahead of the first request (while the SuperNode connects)."""
     try:
-        import mira.federated.flower.node  # noqa: F401
-        import mira.federated.engine  # noqa: F401
-        import mira.models.loader  # noqa: F401
-        import transformers  # noqa: F401
         import peft  # noqa: F401
-    except Exception:  # noqa: BLE001 - the first request will report it
+        import transformers  # noqa: F401
+
+        import mira.federated.engine  # noqa: F401
+        import mira.federated.flower.node  # noqa: F401
+        import mira.models.loader  # noqa: F401
+    except Exception:  # noqa: BLE001, S110 - the first request reports the import error
         pass
 
 
