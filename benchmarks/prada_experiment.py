@@ -40,8 +40,8 @@ from pathlib import Path
 
 os.environ.setdefault("MIRA_THREADS", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 torch.set_num_threads(int(os.environ["MIRA_THREADS"]))
 
@@ -111,7 +111,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.log = log
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         import httpx
 
         deadline = time.monotonic() + 300
@@ -192,14 +192,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 
+    import mira.prada.client
+    import mira.prada.decoding  # noqa: F401
     from mira.config import DataConfig
     from mira.data.prompts import tokenize_records
     from mira.data.records import load_records
     from mira.eval.metrics import eval_loss, generate, generation_metrics
     from mira.io import atomic_write_json
-    from mira.models.loader import load_base
-    import mira.prada.client  # noqa: F401  (imported now: the HTTP phase runs the code as it was at the start)
-    import mira.prada.decoding  # noqa: F401
     from mira.prada.models import BuildSettings, PretrainSettings, build_models
     from mira.prada.offset import ProxyPair
     from mira.prada.train import AdapterTraining, train_adapter

@@ -9,8 +9,13 @@ import pytest
 from mira.errors import MiraError
 from mira.prada.client import BlackBoxClient
 from mira.prada.decoding import DecodeSettings, DraftSchedule, make_decoder
-from mira.prada.errors import (AuthenticationError, ContextLimitError, ServerRejected, ServerTimeout,
-                               ServerUnavailable)
+from mira.prada.errors import (
+    AuthenticationError,
+    ContextLimitError,
+    ServerRejected,
+    ServerTimeout,
+    ServerUnavailable,
+)
 
 from .conftest import API_KEY, CONTEXT, free_port
 
@@ -59,16 +64,15 @@ def test_a_draft_length_beyond_the_servers_limit_is_rejected(client, pair, token
 
 
 def test_a_wrong_key_is_an_authentication_error(server, pair, tokenizer, prompts):
-    with BlackBoxClient(server.url, "not-the-key", timeout=10) as bad:
-        with pytest.raises(AuthenticationError, match="401"):
-            generate("per-token", bad, pair, tokenizer, prompts[0])
+    with BlackBoxClient(server.url, "not-the-key", timeout=10) as bad, pytest.raises(AuthenticationError, match="401"):
+        generate("per-token", bad, pair, tokenizer, prompts[0])
 
 
 def test_nobody_listening_is_server_unavailable(pair, tokenizer, prompts):
     t0 = time.monotonic()
-    with BlackBoxClient(f"http://127.0.0.1:{free_port()}", API_KEY, timeout=5) as nobody:
-        with pytest.raises(ServerUnavailable, match="cannot reach"):
-            generate("speculative", nobody, pair, tokenizer, prompts[0])
+    with BlackBoxClient(f"http://127.0.0.1:{free_port()}", API_KEY, timeout=5) as nobody, \
+            pytest.raises(ServerUnavailable, match="cannot reach"):
+        generate("speculative", nobody, pair, tokenizer, prompts[0])
     assert time.monotonic() - t0 < 5
 
 
@@ -95,9 +99,8 @@ def test_a_server_that_hangs_then_dies_mid_generation(own_server, client, pair, 
         if len(run.generated) == 5:
             own_server.kill()
 
-    with BlackBoxClient(own_server.url, API_KEY, timeout=20) as c:
-        with pytest.raises(ServerUnavailable) as info:
-            generate("speculative", c, pair, tokenizer, prompts[0], on_token=kill_after_5)
+    with BlackBoxClient(own_server.url, API_KEY, timeout=20) as c, pytest.raises(ServerUnavailable) as info:
+        generate("speculative", c, pair, tokenizer, prompts[0], on_token=kill_after_5)
     partial = info.value.token_ids
     assert 5 <= len(partial) < len(reference) and partial == reference[: len(partial)]
     assert info.value.metrics.new_tokens == len(partial)

@@ -5,10 +5,21 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from mira.errors import MiraError
-from mira.prada.models import BuildSettings, PretrainSettings, build_models, grow_llama, num_params
+from mira.prada.models import (
+    BuildSettings,
+    PretrainSettings,
+    build_models,
+    grow_llama,
+    num_params,
+)
 
 
 def small_llama() -> LlamaForCausalLM:

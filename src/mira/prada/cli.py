@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -58,7 +57,7 @@ def build_models_cmd(source: str = typer.Option(..., "--source", help="small pre
                      target_intermediate: int = typer.Option(344, "--target-intermediate"),
                      target_steps: int = typer.Option(200, "--target-steps"),
                      proxy_steps: int = typer.Option(100, "--proxy-steps"),
-                     exclude_category: List[str] = typer.Option([], "--exclude-category",
+                     exclude_category: list[str] = typer.Option([], "--exclude-category",
                                                                 help="Dolly category kept out of pre-training"),
                      seed: int = typer.Option(0, "--seed")):
     """Build the experiment's target (grown from SOURCE) and proxy (SOURCE), both briefly pre-trained."""
@@ -81,9 +80,9 @@ def train_cmd(proxy: str = typer.Option(..., "--proxy", help="the proxy base mod
               out: Path = typer.Option(..., "--out", "-o", help="adapter folder to write (PEFT format)"),
               source: str = typer.Option("json", "--source",
                                          help="json, dolly, gsm8k, natural_instructions or synthetic"),
-              data: Optional[str] = typer.Option(None, "--data", help="data file or folder"),
-              task: List[str] = typer.Option([], "--task", help="keep only this task (repeatable)"),
-              max_records: Optional[int] = typer.Option(None, "--max-records", help="cap per task (seeded sample)"),
+              data: str | None = typer.Option(None, "--data", help="data file or folder"),
+              task: list[str] = typer.Option([], "--task", help="keep only this task (repeatable)"),
+              max_records: int | None = typer.Option(None, "--max-records", help="cap per task (seeded sample)"),
               steps: int = typer.Option(100, "--steps"),
               lr: float = typer.Option(1e-3, "--lr"),
               batch_size: int = typer.Option(8, "--batch-size"),
@@ -140,7 +139,7 @@ def generate_cmd(server: str = typer.Option(..., "--server", help="URL of `mira 
                  input_text: str = typer.Option("", "--input", help="optional context for the instruction"),
                  template: str = typer.Option("alpaca", "--template", help="alpaca or raw"),
                  mode: str = typer.Option("speculative", "--mode", help="per-token or speculative"),
-                 top_k: Optional[int] = typer.Option(None, "--top-k", help="ask only for top-k log-probs"),
+                 top_k: int | None = typer.Option(None, "--top-k", help="ask only for top-k log-probs"),
                  alpha: float = typer.Option(1.0, "--alpha", help="weight of the proxy's offset"),
                  max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
                  temperature: float = typer.Option(0.0, "--temperature", help="0: greedy"),
@@ -154,7 +153,12 @@ def generate_cmd(server: str = typer.Option(..., "--server", help="URL of `mira 
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Generate with the remote model corrected by the proxy's offset; print the text and the traffic."""
     from mira.prada.client import BlackBoxClient
-    from mira.prada.decoding import DecodeSettings, DraftSchedule, make_decoder, prompt_ids
+    from mira.prada.decoding import (
+        DecodeSettings,
+        DraftSchedule,
+        make_decoder,
+        prompt_ids,
+    )
     from mira.prada.errors import PradaError
     from mira.prada.offset import ProxyPair
 

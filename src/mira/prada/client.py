@@ -17,9 +17,23 @@ from dataclasses import asdict, dataclass
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from mira.prada.errors import (AuthenticationError, ContextLimitError, PradaError, ServerFailure, ServerRejected,
-                               ServerTimeout, ServerUnavailable)
-from mira.prada.protocol import (DraftResponse, Encoding, Health, LogitsResponse, ScoreMatrix, decode_scores)
+from mira.prada.errors import (
+    AuthenticationError,
+    ContextLimitError,
+    PradaError,
+    ServerFailure,
+    ServerRejected,
+    ServerTimeout,
+    ServerUnavailable,
+)
+from mira.prada.protocol import (
+    DraftResponse,
+    Encoding,
+    Health,
+    LogitsResponse,
+    ScoreMatrix,
+    decode_scores,
+)
 
 
 @dataclass
@@ -31,10 +45,10 @@ class Traffic:
     bytes_received: int = 0
     seconds: float = 0.0  # wall time spent waiting for the server
 
-    def minus(self, before: "Traffic") -> "Traffic":
+    def minus(self, before: Traffic) -> Traffic:
         return Traffic(**{k: v - getattr(before, k) for k, v in asdict(self).items()})
 
-    def copy(self) -> "Traffic":
+    def copy(self) -> Traffic:
         return Traffic(**asdict(self))
 
 
@@ -64,7 +78,7 @@ class BlackBoxClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "BlackBoxClient":
+    def __enter__(self) -> BlackBoxClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -60,7 +61,7 @@ class DraftSchedule:
 class DecodeSettings:
     max_new_tokens: int = 64
     alpha: float = 1.0
-    top_k: Optional[int] = None  # ask the server for top-k log-probs only
+    top_k: int | None = None  # ask the server for top-k log-probs only
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     draft: DraftSchedule = field(default_factory=DraftSchedule)
@@ -86,7 +87,7 @@ class GenerationMetrics:
     tokens_per_second: float
     drafted: int = 0  # draft tokens received (speculative)
     accepted: int = 0  # draft tokens kept
-    acceptance_rate: Optional[float] = None
+    acceptance_rate: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,10 +174,10 @@ class Run:
             self.on_token(token, self)
 
 
-DECODERS: dict[str, type["Decoder"]] = {}
+DECODERS: dict[str, type[Decoder]] = {}
 
 
-def register_decoder(cls: type["Decoder"]) -> type["Decoder"]:
+def register_decoder(cls: type[Decoder]) -> type[Decoder]:
     DECODERS[cls.name] = cls
     return cls
 

@@ -23,7 +23,7 @@ class PradaError(MiraError):
         super().__init__(message, where=where)
         self.token_ids = []
 
-    def with_progress(self, text: str, token_ids: list[int], metrics: Any = None) -> "PradaError":
+    def with_progress(self, text: str, token_ids: list[int], metrics: Any = None) -> PradaError:
         """A copy of this error that carries (and reports) the partial generation."""
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)

@@ -21,9 +21,9 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -119,7 +119,7 @@ class PretrainSettings:
 
 
 def pretrain(model, ds: TokenizedDataset, pad_id: int, settings: PretrainSettings, seed: int = 0,
-             log: Optional[Log] = None, name: str = "model") -> list[float]:
+             log: Log | None = None, name: str = "model") -> list[float]:
     """Full-parameter AdamW with a one-cycle schedule; returns the per-step losses."""
     for p in model.parameters():
         p.requires_grad_(True)
@@ -183,9 +183,11 @@ def _save(model, tokenizer, out: Path) -> None:
 
 
 def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: str | Path,
-                 settings: BuildSettings = BuildSettings(), log: Log = print) -> dict:
+                 settings: BuildSettings | None = None, log: Log = print) -> dict:
     """Build, pre-train and save ``OUT/target`` and ``OUT/proxy``; return (and save) the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = settings or BuildSettings()
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)

@@ -24,7 +24,7 @@ Errors are ``{"detail": {"code": ..., "message": ...}}`` with status 401, 411, 4
 from __future__ import annotations
 
 import base64
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,14 +40,14 @@ class _Strict(BaseModel):
 
 class LogitsRequest(_Strict):
     prefixes: list[list[StrictInt]]
-    top_k: Optional[StrictInt] = None
+    top_k: StrictInt | None = None
     encoding: Encoding = "base64"
 
 
 class DraftRequest(_Strict):
     prefix: list[StrictInt]
     n: StrictInt
-    top_k: Optional[StrictInt] = None
+    top_k: StrictInt | None = None
     encoding: Encoding = "base64"
 
 
@@ -56,8 +56,8 @@ class Scores(_Strict):
     rows: int
     cols: int
     encoding: Encoding
-    values: Union[str, list[list[float]]]
-    ids: Optional[list[list[int]]] = None
+    values: str | list[list[float]]
+    ids: list[list[int]] | None = None
 
 
 class LogitsResponse(_Strict):
@@ -90,7 +90,7 @@ def encode_scores(values: torch.Tensor, ids: torch.Tensor | None, encoding: Enco
     values = values.detach().to(torch.float32).cpu().contiguous()
     rows, cols = values.shape
     kind = "logits" if ids is None else "logprobs"
-    packed: Union[str, list[list[float]]]
+    packed: str | list[list[float]]
     if encoding == "base64":
         packed = base64.b64encode(values.numpy().astype("<f4").tobytes()).decode("ascii")
     else:

@@ -32,8 +32,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from mira.errors import MiraError
-from mira.prada.protocol import (DraftRequest, DraftResponse, Health, LogitsRequest, LogitsResponse,
-                                 encode_scores)
+from mira.prada.protocol import (
+    DraftRequest,
+    DraftResponse,
+    Health,
+    LogitsRequest,
+    LogitsResponse,
+    encode_scores,
+)
 
 DEFAULT_KEY_ENV = "MIRA_API_KEY"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from mira.data.prompts import tokenize_records
 from mira.data.records import Record
@@ -27,12 +26,12 @@ class AdapterTraining:
     rank: int = 8
     lora_alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: Optional[list[str]] = None
+    target_modules: list[str] | None = None
     steps: int = 100
     lr: float = 1e-3
     batch_size: int = 8
     weight_decay: float = 0.0
-    grad_clip: Optional[float] = 1.0
+    grad_clip: float | None = 1.0
     max_length: int = 384
     seed: int = 0
 
@@ -50,7 +49,7 @@ class TrainedAdapter:
     slot: AdapterSlot  # the PEFT model, holding the trained adapter
     tokenizer: object
     result: TrainResult
-    path: Optional[Path]
+    path: Path | None
     summary: dict = field(default_factory=dict)
 
 
