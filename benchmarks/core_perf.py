@@ -119,9 +119,17 @@ def throughput() -> dict:
             "ratio": best["bare"] / best["mira"], "times_s": times}
 
 
+def vm_hwm_kb() -> int:
+    """Peak RSS of this process from /proc (``ru_maxrss`` would carry over the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def peak_rss_child(k: int, out: str) -> None:
     run_engine(base_config(k, rounds=2), out)
-    print(json.dumps({"k": k, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"k": k, "peak_rss_kb": vm_hwm_kb()}))
 
 
 def memory(tmp: Path) -> dict:
@@ -143,17 +151,26 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/core_perf.json")
     ap.add_argument("--child", type=int)
     ap.add_argument("--child-out")
+    ap.add_argument("--parts", default="overhead,throughput,memory",
+                    help="which measurements to (re)run; others are kept from an existing --out file")
     args = ap.parse_args()
     if args.child:
         peak_rss_child(args.child, args.child_out)
         return
     import tempfile
 
+    parts = set(args.parts.split(","))
+    result = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    result["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"MIRA_THREADS={os.environ['MIRA_THREADS']}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                             f"MIRA_THREADS={os.environ['MIRA_THREADS']}",
-                  "overhead_and_bytes": overhead_and_bytes(tmp), "throughput": throughput(), "memory": memory(tmp)}
+        if "overhead" in parts:
+            result["overhead_and_bytes"] = overhead_and_bytes(tmp)
+        if "throughput" in parts:
+            result["throughput"] = throughput()
+        if "memory" in parts:
+            result["memory"] = memory(tmp)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items()}, indent=2))

@@ -28,7 +28,11 @@ from mira.federated.flower.settings import RunSettings
 
 CONNECTION = "mira"
 APP_NAME = "mira-federation"
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# Merged into the environment of every Flower process we start. PATH gets this Python's bin
+# folder first: flower-superlink starts `flower-superexec` by name, which must be found even
+# when the virtual environment is not activated (e.g. under `make test`).
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
 
 
 def flower_bin(name: str) -> str:
