@@ -10,7 +10,7 @@ Steps: cluster the members (``similarity``), merge inside each cluster with a st
 evolutionary), mix the cluster merges with a hidden-state router (``router``) or per
 sequence on one base (``lora_mixture``), and report (``report``). See ``docs/glue.md``.
 """
-import importlib
+from mira._lazy import lazy_exports
 
 # Exports are loaded on first use (PEP 562), so `mira --help` does not import torch.
 _EXPORTS = {
@@ -23,12 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        module = importlib.import_module(f"mira.glue.{_EXPORTS[name]}")
-        for export, where in _EXPORTS.items():  # also replaces same-named submodule attributes
-            if where == _EXPORTS[name]:
-                globals()[export] = getattr(module, export)
-        return globals()[name]
-    raise AttributeError(f"module 'mira.glue' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

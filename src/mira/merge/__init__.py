@@ -10,7 +10,7 @@ The recipe format, the methods' formulas and the LoRA ``factors``/``delta`` spac
 described in ``docs/merge.md``. Merges stream tensor by tensor (``mira.merge.engine``);
 methods are classes in ``mira.merge.methods`` registered by name (``mira.merge.registry``).
 """
-import importlib
+from mira._lazy import lazy_exports
 
 # Exports are loaded on first use (PEP 562), so `mira --help` does not import torch.
 _EXPORTS = {
@@ -20,15 +20,7 @@ _EXPORTS = {
     "method_names": "registry", "register_method": "registry", "merge_state_dicts": "state",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        module = importlib.import_module(f"mira.merge.{_EXPORTS[name]}")
-        for export, where in _EXPORTS.items():  # also replaces same-named submodule attributes
-            if where == _EXPORTS[name]:
-                globals()[export] = getattr(module, export)
-        return globals()[name]
-    raise AttributeError(f"module 'mira.merge' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ Pipeline, one algorithm per module:
 * ``federated``: ``refine_clients`` for the ``refine:`` section of a run config;
 * ``cli``: ``mira refine``.
 """
-import importlib
+from mira._lazy import lazy_exports
 
 # Exports are loaded on first use (PEP 562), so `mira --help` does not import torch.
 _EXPORTS = {
@@ -23,12 +23,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        module = importlib.import_module(f"mira.shed.{_EXPORTS[name]}")
-        for export, where in _EXPORTS.items():  # also replaces same-named submodule attributes
-            if where == _EXPORTS[name]:
-                globals()[export] = getattr(module, export)
-        return globals()[name]
-    raise AttributeError(f"module 'mira.shed' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
