@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +28,7 @@ from mira.glue.scoring import Evaluator, SeqLosses, score_of, task_losses
 from mira.glue.similarity import cluster, similarity_matrix
 from mira.glue.strategies import StrategyOptions, get_strategy, memoised
 from mira.glue.zoo import EvalSetSpec, load_members, load_zoo, resolve
-from mira.io import atomic_torch_save
+from mira.io import atomic_dir, atomic_torch_save
 
 Log = Callable[[str], None]
 
@@ -242,19 +240,12 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
     from mira.glue.report import write_reports
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for ci, state in enumerate(merged_states):
             _save_model_state(ev, state, tmp / "clusters" / f"cluster_{ci}")
         atomic_torch_save(tmp / "router.pt", {**router.state_dict(), "experts": [f"clusters/cluster_{i}"
                                                                                   for i in range(len(clusters))],
                                               "kind": final_name})
         write_reports(result, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out} in {result['seconds']:.1f} s")
     return result

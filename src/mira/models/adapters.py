@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable
 
@@ -100,19 +98,15 @@ class AdapterSlot:
     # -- PEFT format -------------------------------------------------------------------
     def save(self, state: AdapterState, out_dir: str | os.PathLike) -> Path:
         """Write ``state`` as a PEFT adapter folder (atomically: temp folder + rename)."""
+        from mira.io import atomic_dir
+
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
         current = self.get()
         self.set(state)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            self.model.save_pretrained(str(tmp))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            with atomic_dir(out) as tmp:
+                self.model.save_pretrained(str(tmp))
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
             self.set(current)
         return out
 

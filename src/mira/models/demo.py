@@ -11,8 +11,6 @@ format. The folder is written atomically, so an interrupted build is simply redo
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,13 +93,11 @@ def ensure_demo_model(name: str = "demo", log=print) -> Path:
     tokenizer = build_tokenizer(texts)
     model = build_model(len(tokenizer))
     pretrain(model, tokenizer, log=log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    from mira.io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if log:
         log(f"built the demo model in {time.time() - t0:.0f}s: {out}")
     return out

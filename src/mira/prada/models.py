@@ -18,8 +18,6 @@ tokenizer) and ``OUT/build.json`` (sizes, steps, wall and CPU seconds, held-out 
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +28,7 @@ import torch
 from mira.data.prompts import TokenizedDataset, collate, tokenize_records
 from mira.data.records import Record
 from mira.errors import MiraError
-from mira.io import atomic_write_json
+from mira.io import atomic_dir, atomic_write_json
 from mira.train.trainer import batch_indices
 
 Log = Callable[[str], None]
@@ -169,17 +167,9 @@ def _heldout_losses(model, sets: dict[str, TokenizedDataset], pad_id: int) -> di
 
 
 def _save(model, tokenizer, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: str | Path,
