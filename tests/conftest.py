@@ -35,7 +35,7 @@ def tiny_cfg(tiny_model_dir):
         "model": {"path": str(tiny_model_dir)},
         "lora": {"r": 4, "alpha": 8},
         "data": {"source": "synthetic", "tasks": ["add", "sub", "upper", "lower"], "max_per_task": 24,
-                 "max_length": 48},
+                 "max_length": 80},
         "partition": {"name": "by_task", "test_size": 6},
         "federation": {"rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 0.01},
         "algorithm": {"name": "mira"},

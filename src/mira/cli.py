@@ -20,11 +20,13 @@ err_console = Console(stderr=True)
 # Modules that add commands to `app`. Each has a `register(app: typer.Typer)` function.
 COMMAND_MODULES = [
     "mira.federated.cli",  # run, compare, demo
+    "mira.data.cli",  # data inspect
     "mira.federated.flower.cli",
     "mira.shed.cli",
     "mira.prada.cli",
     "mira.merge.cli",
     "mira.glue.cli",
+    "mira.models.cli",  # models list, models get
 ]
 
 

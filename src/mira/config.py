@@ -25,6 +25,7 @@ class ModelConfig(_Strict):
     path: str = "builtin:demo"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"
+    quantization: Optional[Literal["4bit", "8bit"]] = None  # QLoRA through bitsandbytes; needs a CUDA GPU
 
 
 class LoraSettings(_Strict):
@@ -41,6 +42,9 @@ class DataConfig(_Strict):
     tasks: Optional[list[str]] = None
     max_per_task: Optional[int] = Field(200, gt=0)
     max_length: int = Field(256, gt=8)
+    template: str = "auto"
+    overflow: Literal["drop", "truncate_input"] = "drop"
+    min_response_tokens: int = Field(16, gt=0)
     field_map: dict[str, str] = Field(default_factory=dict)
     seed: int = 0
 
@@ -99,6 +103,12 @@ class EvalConfig(_Strict):
     max_examples: int = Field(8, gt=0)
 
 
+class TrainConfig(_Strict):
+    """How each local update runs (memory/speed trade-offs, not the algorithm)."""
+
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+
 class RefineHook(BaseModel):
     """Optional per-client data refinement before training (see ``mira.shed``)."""
 
@@ -115,6 +125,7 @@ class RunConfig(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     refine: Optional[RefineHook] = None
     plots: bool = True
 
@@ -196,6 +207,10 @@ def _check_names(cfg: RunConfig) -> None:
     if cfg.partition.name not in PARTITIONERS:
         raise MiraError(f"unknown partitioner {cfg.partition.name!r}; choose one of {sorted(PARTITIONERS)}",
                         where="partition.name")
+    if cfg.data.template not in ("auto", "chat"):
+        from mira.data.prompts import get_template
+
+        get_template(cfg.data.template, None)
     if cfg.data.source not in SOURCES:
         raise MiraError(f"unknown data source {cfg.data.source!r}; choose one of {sorted(SOURCES)}", where="data.source")
 

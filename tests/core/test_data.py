@@ -31,14 +31,6 @@ def test_loss_only_on_response_tokens(tok):
     assert tok.decode(ids[:n_prompt]).rstrip().endswith(MARKER.strip())
 
 
-def test_truncation_keeps_the_response(tok):
-    long = Record(instruction="Repeat the text. " * 40, input="x " * 50, output="apple bird cake", task="t")
-    ds = tokenize_records([long], tok, max_length=32)
-    assert len(ds.input_ids[0]) <= 32
-    target = [t for t in ds.labels[0] if t != IGNORE]
-    assert tok.decode(target[:-1]).strip() == "apple bird cake"
-
-
 def test_collate_pads_to_longest(tok):
     recs = generate_suite(3, seed=1, tasks=["add", "reverse_words"])
     ds = tokenize_records(recs, tok, max_length=64)

@@ -18,7 +18,7 @@ FLOWER_CFG = {
     "model": {"path": "builtin:demo"},
     "lora": {"r": 4, "alpha": 8},
     "data": {"source": "synthetic", "tasks": ["add", "upper", "reverse_words"], "max_per_task": 16,
-             "max_length": 48},
+             "max_length": 80},
     "partition": {"name": "by_task", "test_size": 4},
     "federation": {"rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 0.01},
     "algorithm": {"name": "mira", "lambda": 0.5},

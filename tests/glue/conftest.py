@@ -39,8 +39,8 @@ def tiny_zoo(tiny_model_dir, tmp_path_factory) -> Path:
     zoo = {"base_model": str(tiny_model_dir),
            "members": [{"path": "ad_add", "task": "add"}, {"path": "ad_upper", "task": "upper"},
                        {"path": "ad_add_copy", "name": "add_copy"}],
-           "validation": {"path": "val.jsonl", "max_per_task": 8, "max_length": 48},
-           "test": {"path": "val.jsonl", "max_per_task": 12, "max_length": 48},
+           "validation": {"path": "val.jsonl", "max_per_task": 8, "max_length": 80},
+           "test": {"path": "val.jsonl", "max_per_task": 12, "max_length": 80},
            "strategy": {"name": "heuristic_average"}, "mixture": {"kind": "router"}}
     (root / "zoo.yaml").write_text(yaml.safe_dump(zoo))
     return root

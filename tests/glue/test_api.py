@@ -42,7 +42,7 @@ def test_full_model_zoo(tiny_model_dir, tiny_zoo, tmp_path):
     zoo = {"base_model": str(tiny_model_dir),
            "members": [{"path": str(tmp_path / n), "task": t}
                        for n, t in (("ft_a", "add"), ("ft_b", "upper"), ("ft_a_copy", "add"))],
-           "validation": {"path": str(tiny_zoo / "val.jsonl"), "max_per_task": 4, "max_length": 48},
+           "validation": {"path": str(tiny_zoo / "val.jsonl"), "max_per_task": 4, "max_length": 80},
            "strategy": {"name": "heuristic_coefficient"}}
     res = run_glue(zoo, tmp_path / "out")
     assert res["zoo"]["kind"] == "model" and res["merge_method"] == "task_arithmetic"

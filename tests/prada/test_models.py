@@ -55,7 +55,7 @@ def test_build_models_on_tiny_inputs(zoo, tmp_path):
     dolly.write_text("".join(json.dumps({"instruction": f"Name a colour {i}.", "context": "", "response": "green",
                                          "category": "open_qa" if i % 2 else "brainstorming"}) + "\n" for i in range(20)))
     settings = BuildSettings(target_layers=2, target_intermediate=48, target=PretrainSettings(steps=3, lr=1e-3),
-                             proxy=PretrainSettings(steps=2, lr=1e-3), max_length=48, heldout=4,
+                             proxy=PretrainSettings(steps=2, lr=1e-3), max_length=80, heldout=4,
                              exclude_categories=("brainstorming",))
     report = build_models(str(zoo.proxy), str(stories), str(dolly), tmp_path / "out", settings, log=lambda m: None)
     assert report["proxy"]["parameters"] < report["target"]["parameters"]

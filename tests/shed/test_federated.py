@@ -9,7 +9,7 @@ from mira.config import load_config
 from mira.errors import MiraError
 
 OVERRIDES = [
-    "data.tasks=[add, upper]", "data.max_per_task=24", "data.max_length=48", "partition.test_size=4",
+    "data.tasks=[add, upper]", "data.max_per_task=24", "data.max_length=80", "partition.test_size=4",
     "federation.rounds=1", "federation.local_steps=2", "eval.every=1", "plots=false",
     "refine.method=shed", "refine.budget=0.5", "refine.strategy=qocs", "refine.clusters=4", "refine.iterations=2",
     "refine.steps=2", "refine.embedder=hashing", "refine.max_val=4",

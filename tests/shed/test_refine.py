@@ -107,7 +107,7 @@ def test_real_end_to_end_demo_model_and_minilm(records):
 
     small = records[::3]  # 40 records, 4 tasks
     s = ShedSettings(embedder="all-MiniLM-L6-v2", budget=0.3, clusters=6, iterations=2, group_size=2, steps=3,
-                     batch_size=4, max_val=6, max_length=48, seed=1, strategy="qocs")
+                     batch_size=4, max_val=6, max_length=80, seed=1, strategy="qocs")
     proxy = ProxyModel.load(s)
     a = refine(small, s, proxy=proxy)
     b = refine(small, s, proxy=proxy)

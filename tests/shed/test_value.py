@@ -13,7 +13,7 @@ def demo_proxy() -> ProxyModel:
 
 
 def test_value_is_a_deterministic_function_of_the_set(demo_proxy, records):
-    s = ShedSettings(steps=3, batch_size=4, max_length=48, lr=1e-2)
+    s = ShedSettings(steps=3, batch_size=4, max_length=80, lr=1e-2)
     v = LoraValue(demo_proxy, records[:6], records[-8:], s)
     empty = v(frozenset())
     a = v(frozenset({0, 3, 5}))
@@ -24,7 +24,7 @@ def test_value_is_a_deterministic_function_of_the_set(demo_proxy, records):
 
 
 def test_epochs_scale_steps_with_the_coalition(demo_proxy, records):
-    s = ShedSettings(epochs=2.0, batch_size=4, max_length=48)
+    s = ShedSettings(epochs=2.0, batch_size=4, max_length=80)
     v = LoraValue(demo_proxy, records[:12], records[-4:], s)
     assert v.trainer.settings.num_steps(3) == 2 and v.trainer.settings.num_steps(12) == 6
     v(frozenset({0, 1, 2}))
@@ -32,7 +32,7 @@ def test_epochs_scale_steps_with_the_coalition(demo_proxy, records):
 
 
 def test_token_accuracy_and_warm_start(demo_proxy, records):
-    s = ShedSettings(steps=2, batch_size=4, max_length=48, metric="token_accuracy", warm_start_steps=4, lr=1e-2)
+    s = ShedSettings(steps=2, batch_size=4, max_length=80, metric="token_accuracy", warm_start_steps=4, lr=1e-2)
     cold = LoraValue(demo_proxy, records[:4], records[-8:], s.model_copy(update={"warm_start_steps": 0}))
     warm = LoraValue(demo_proxy, records[:4], records[-8:], s, warm_records=records[10:40])
     for v in (cold, warm):

@@ -28,7 +28,8 @@ import torch
 
 from mira.config import RunConfig
 from mira.data.partition import ClientData, partition
-from mira.data.prompts import TokenizedDataset, tokenize_records
+from mira.data.prompts import TokenizedDataset, check_client_stats, tokenizer_from_config
+from mira.data.report import client_reports, log_lines, totals
 from mira.data.records import load_records
 from mira.errors import MiraError
 from mira.eval.metrics import eval_loss, generate, generation_metrics
@@ -52,7 +53,7 @@ def derive_seed(*parts: int) -> int:
 def train_settings(cfg: RunConfig) -> TrainSettings:
     f = cfg.federation
     return TrainSettings(lr=f.lr, batch_size=f.batch_size, weight_decay=f.weight_decay, grad_clip=f.grad_clip,
-                         steps=f.local_steps, epochs=f.local_epochs)
+                         steps=f.local_steps, epochs=f.local_epochs, gradient_checkpointing=cfg.train.gradient_checkpointing)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Workspace:
     train: list[TokenizedDataset]
     test: list[TokenizedDataset]
     global_test: TokenizedDataset
+    data_report: list[dict]
 
     @classmethod
     def load(cls, cfg: RunConfig, log_fn: Callable[[str], None] = lambda s: None) -> "Workspace":
@@ -76,15 +78,35 @@ class Workspace:
             from mira.shed.federated import refine_clients
 
             clients = refine_clients(clients, cfg, log_fn)
-        base, tokenizer = load_base(cfg.model.path, cfg.model.dtype, cfg.model.device)
+        base, tokenizer = load_base(cfg.model.path, cfg.model.dtype, cfg.model.device, quantization=cfg.model.quantization)
         lora = lora_settings_to_peft(base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
         slot = AdapterSlot.attach(base, lora, seed=cfg.seed)
-        ml = cfg.data.max_length
-        train = [tokenize_records(c.train, tokenizer, ml) for c in clients]
-        test = [tokenize_records(c.test, tokenizer, ml) for c in clients]
+        train, test, report = tokenize_clients(clients, tokenizer, cfg.data)
+        for line in log_lines(report):
+            log_fn(line)
         log_fn(f"{len(records)} records, {len(clients)} clients, "
                f"{sum(len(t) for t in train)} train / {sum(len(t) for t in test)} test examples")
-        return cls(cfg, slot.model, tokenizer, slot, clients, train, test, TokenizedDataset.concat(test))
+        return cls(cfg, slot.model, tokenizer, slot, clients, train, test, TokenizedDataset.concat(test), report)
+
+    @property
+    def template_name(self) -> str:
+        from mira.data.prompts import get_template
+
+        return get_template(self.cfg.data.template, self.tokenizer).name
+
+
+def tokenize_clients(clients: list[ClientData], tokenizer, data_cfg):
+    """Each client's train and test split under the run's template and length policy; a client
+    that would lose more than half of its examples is an error (see ``check_client_stats``)."""
+    tok = tokenizer_from_config(data_cfg, tokenizer)
+    train = [tok(c.train) for c in clients]
+    test = [tok(c.test) for c in clients]
+    for c, tr, te in zip(clients, train, test):
+        check_client_stats(c.id, c.task, tr.stats.merge(te.stats), data_cfg)
+        if not len(tr) or not len(te):
+            raise MiraError(f"client {c.id} (task {c.task!r}) has no {'training' if not len(tr) else 'test'} example "
+                            f"left after the length policy; raise data.max_length", where="data.max_length")
+    return train, test, client_reports(clients, train, test)
 
 
 class Engine:
@@ -269,6 +291,8 @@ class Engine:
             "round_time_s": float(sum(e["round_time_s"] for e in self.rounds_log)),
             "train_tokens": int(sum(e["train_tokens"] for e in self.rounds_log)),
             "train_steps": int(sum(e["train_steps"] for e in self.rounds_log)),
+            "data": {"template": ws.template_name, "overflow": self.cfg.data.overflow,
+                     "max_length": self.cfg.data.max_length, **totals(ws.data_report), "clients": ws.data_report},
         }
         for key in ("rouge_l", "exact_match"):
             if last and key in last[0]:

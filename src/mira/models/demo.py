@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = "v1"
+VERSION = "v2"  # v2: prompts tokenised as one text (the boundary-checked split of mira.data.prompts)
 
 
 def cache_dir() -> Path:

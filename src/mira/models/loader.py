@@ -1,7 +1,12 @@
 """Load any Hugging Face causal LM and its tokenizer, once, frozen.
 
-``path`` is a local folder, a Hub id, or ``builtin:demo`` (mira's own tiny model,
-built and pre-trained on first use; see ``mira.models.demo``).
+``path`` is a local folder, a Hub id, a model alias from ``mira.models.registry`` (e.g.
+``smollm2-135m-instruct``, fetched and converted into ``$MIRA_CACHE`` on first use),
+``builtin:demo`` (mira's own tiny model, built and pre-trained on first use; see
+``mira.models.demo``), or a ``.gguf`` file (converted once into ``$MIRA_CACHE``).
+
+``quantization`` (``4bit`` or ``8bit``) loads the base through bitsandbytes for QLoRA;
+it needs a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -48,12 +53,8 @@ def _looks_like_hub_id(path: str) -> bool:
     return "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not Path(path).exists()
 
 
-def load_base(path: str, dtype: str = "float32", device: str = "auto", where: str = "model.path"):
-    """Return ``(model, tokenizer)`` with every base parameter frozen and the model in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quiet_transformers()
-
+def resolve_model_path(path: str, where: str = "model.path") -> str:
+    """A local Hugging Face folder or a Hub id for ``path`` (``builtin:demo`` is built on first use)."""
     if path.startswith("builtin:"):
         from mira.models.demo import ensure_demo_model
 
@@ -63,18 +64,120 @@ def load_base(path: str, dtype: str = "float32", device: str = "auto", where: st
         raise MiraError(f"model folder not found: {path}", where=where)
     if local.exists() and not (local / "config.json").exists():
         raise MiraError(f"{path} is not a Hugging Face model folder (no config.json)", where=where)
-    if dtype not in DTYPES:
-        raise MiraError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", where="model.dtype")
-    src = str(local) if local.exists() else path
+    return str(local) if local.exists() else path
+
+
+def load_tokenizer(path: str, where: str = "model.path"):
+    """Only the tokenizer of ``path`` (resolved as ``load_base`` does), e.g. for ``mira data inspect``."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    src = resolve_model_path(path, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise MiraError(f"cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}", where=where) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+QUANTIZATIONS = ("4bit", "8bit")
+NO_CUDA = "model.quantization needs a CUDA GPU (bitsandbytes); this machine has none"
+
+
+def check_quantization(quantization: str | None, device: str = "auto") -> None:
+    """Fail fast, before anything is fetched, when ``quantization`` cannot work here."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise MiraError(f"unknown quantization {quantization!r}; choose one of {list(QUANTIZATIONS)}",
+                        where="model.quantization")
+    if not torch.cuda.is_available():
+        raise MiraError(NO_CUDA, where="model.quantization")
+    if resolve_device(device).type != "cuda":
+        raise MiraError(f"model.quantization needs model.device to be a CUDA device, got {device!r}",
+                        where="model.quantization")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MiraError("model.quantization needs the bitsandbytes package: pip install bitsandbytes",
+                        where="model.quantization")
+
+
+def bnb_config(quantization: str):
+    """QLoRA's settings: 4-bit NF4 (double quantization, bf16 compute) or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def resolve_model_path(path: str, where: str = "model.path") -> str:
+    """An alias, ``builtin:NAME`` or ``.gguf`` file -> a local folder (fetched/converted once) or a Hub id."""
+    from mira.models import registry
+
+    entry = registry.lookup(path)
+    if entry is not None:
+        return entry.ensure(registry.stderr_log)
+    if path.startswith("builtin:"):
+        from mira.models.demo import ensure_demo_model
+
+        return str(ensure_demo_model(path.split(":", 1)[1]))
+    if path.lower().endswith(".gguf"):
+        local = Path(os.path.expanduser(path))
+        if not local.is_file():
+            raise MiraError(f"GGUF file not found: {path}", where=where)
+        return str(registry.ensure_gguf(local, registry.stderr_log))
+    return path
+
+
+def load_base(path: str, dtype: str = "float32", device: str = "auto", where: str = "model.path",
+              quantization: str | None = None):
+    """Return ``(model, tokenizer)`` with every base parameter frozen and the model in eval mode.
+
+    With ``quantization`` the linear layers are bitsandbytes 4/8-bit layers on the GPU and
+    ``peft.prepare_model_for_kbit_training`` has cast the remaining (norm, embedding) weights to
+    float32 for stable training, as QLoRA does; the weights stay frozen either way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+
+    if dtype not in DTYPES:
+        raise MiraError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", where="model.dtype")
+    check_quantization(quantization, device)
+    path = resolve_model_path(path, where)
+    local = Path(os.path.expanduser(path))
+    if not local.exists() and not _looks_like_hub_id(path):
+        from mira.models.registry import MODELS
+
+        hint = "" if "/" in path else f" (nor a model alias: {', '.join(sorted(MODELS))})"
+        raise MiraError(f"model folder not found: {path}{hint}", where=where)
+    if local.exists() and not (local / "config.json").exists():
+        raise MiraError(f"{path} is not a Hugging Face model folder (no config.json)", where=where)
+    src = str(local) if local.exists() else path
+    kwargs = {"dtype": DTYPES[dtype]}
+    if quantization:
+        dev = resolve_device(device)
+        kwargs.update(quantization_config=bnb_config(quantization),
+                      device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except OSError as e:
         raise MiraError(f"cannot load model {path!r}: {str(e).splitlines()[0]}", where=where) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     set_threads(model)
-    model.to(resolve_device(device))
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        # freezes everything and upcasts the non-quantized weights; checkpointing is the trainer's switch
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(resolve_device(device))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

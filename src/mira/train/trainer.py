@@ -6,6 +6,10 @@ leaves the result there. Options used by the algorithms:
 * ``frozen``: keys excluded from training (FFA-LoRA freezes every ``lora_A``);
 * ``prox_mu`` and ``anchor``: FedProx's ``mu/2 * ||theta - theta_anchor||^2``.
 
+``TrainSettings.gradient_checkpointing`` recomputes each decoder layer's activations in
+the backward pass (non-reentrant ``torch.utils.checkpoint``): the same loss and gradients,
+less activation memory, about a third more compute.
+
 Batches are drawn from a seeded generator: the same seed gives the same batches, the
 same dropout masks and so the same adapter, which is what makes resume exact.
 """
@@ -30,6 +34,7 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     steps: int | None = 10
     epochs: float | None = None
+    gradient_checkpointing: bool = False
 
     def num_steps(self, n_examples: int) -> int:
         if self.epochs is not None:
@@ -59,6 +64,30 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[list[i
     return out
 
 
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Switch activation checkpointing on (or back off) for a (PEFT-wrapped) transformers model.
+
+    Non-reentrant checkpointing gives gradients to the LoRA weights inside a checkpointed layer
+    even though the frozen embeddings' output needs none; ``enable_input_require_grads`` also
+    covers the reentrant variant should a model force it."""
+    if bool(getattr(model, "is_gradient_checkpointing", False)) == on:
+        return
+    if on:
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            from mira.errors import MiraError
+
+            raise MiraError(f"{type(model).__name__} does not support gradient checkpointing",
+                            where="train.gradient_checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    else:
+        model.gradient_checkpointing_disable()
+        try:
+            model.disable_input_require_grads()
+        except (AttributeError, KeyError):  # the hook was never registered
+            pass
+
+
 class LocalTrainer:
     def __init__(self, slot: AdapterSlot, pad_id: int, settings: TrainSettings, device=None):
         self.slot = slot
@@ -78,6 +107,7 @@ class LocalTrainer:
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         batches = [collate(ds, idx, self.pad_id, self.device) for idx in batch_indices(len(ds), s.batch_size, steps, seed)]
         model = self.slot.model
+        set_gradient_checkpointing(model, s.gradient_checkpointing)
         model.train()
         torch.manual_seed(seed)  # dropout masks
         total_loss, tokens = 0.0, 0

@@ -124,7 +124,7 @@ def load_slot(cfg: RunConfig):
     from mira.models.adapters import AdapterSlot, lora_settings_to_peft
     from mira.models.loader import load_base
 
-    base, tokenizer = load_base(cfg.model.path, cfg.model.dtype, cfg.model.device)
+    base, tokenizer = load_base(cfg.model.path, cfg.model.dtype, cfg.model.device, quantization=cfg.model.quantization)
     lora = lora_settings_to_peft(base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     return tokenizer, AdapterSlot.attach(base, lora, seed=cfg.seed)
 
@@ -133,17 +133,14 @@ class NodeRuntime:
     """Model, LoRA slot, trainer and this client's tokenised splits (one ClientApp call)."""
 
     def __init__(self, cfg: RunConfig, spec: NodeSpec):
-        from mira.data.prompts import tokenize_records
-        from mira.federated.engine import train_settings
+        from mira.federated.engine import tokenize_clients, train_settings
         from mira.federated.wire import WireCodec
         from mira.train.trainer import LocalTrainer
 
         self.cfg, self.spec = cfg, spec
         self.client = load_client_data(cfg, spec)
         self.tokenizer, self.slot = load_slot(cfg)
-        ml = cfg.data.max_length
-        self.train = tokenize_records(self.client.train, self.tokenizer, ml)
-        self.test = tokenize_records(self.client.test, self.tokenizer, ml)
+        (self.train,), (self.test,), self.data_report = tokenize_clients([self.client], self.tokenizer, cfg.data)
         self.trainer = LocalTrainer(self.slot, self.tokenizer.pad_token_id, train_settings(cfg))
         self.codec = WireCodec(self.slot.initial_state, cfg.federation.wire_dtype)
         self.lossless = WireCodec(self.slot.initial_state, "float32")
