@@ -30,7 +30,7 @@ def tiny_zoo(tiny_model_dir, tmp_path_factory) -> Path:
     for task in TASKS:
         train = [r for r in records if r.task == task][:28]
         slot.set(slot.initial_state)
-        trainer.train(tokenize_records(train, tok, 48), seed=0)
+        trainer.train(tokenize_records(train, tok, 80), seed=0)
         slot.save(slot.get(), root / f"ad_{task}")
     shutil.copytree(root / "ad_add", root / "ad_add_copy")
     seen = {r2 for t in TASKS for r2 in [x for x in records if x.task == t][:28]}

@@ -9,7 +9,7 @@ from mira.cli import main
 
 from .conftest import write_jsonl
 
-FAST = ["--embedder", "hashing", "--iterations", "1", "--steps", "2", "--max-length", "48", "--quiet"]
+FAST = ["--embedder", "hashing", "--iterations", "1", "--steps", "2", "--max-length", "80", "--quiet"]
 
 
 def refine(data, out, *extra):

@@ -59,7 +59,7 @@ def test_dolly_with_stories260k(assets):
         pytest.skip("Dolly-15k or stories260K missing under MIRA_ASSETS")
     recs = load_records(DataConfig(source="dolly", path=str(dolly), max_per_task=8), seed=0)
     s = ShedSettings(model=str(model), embedder="hashing", budget=0.2, clusters=6, iterations=2, steps=3,
-                     batch_size=4, max_length=96, max_val=8, strategy="qwcs")
+                     batch_size=4, max_length=160, template="compact", max_val=8, strategy="qwcs")
     res = refine(recs, s)
     assert len(res.records) == round(0.2 * len(res.candidates))
     assert res.shapley.v_full != res.shapley.v_empty

@@ -25,6 +25,7 @@ Prompt tokens get label -100 (ignored by the loss); a whole response is followed
 """
 from __future__ import annotations
 
+import logging
 import string
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -35,6 +36,7 @@ import torch
 from mira.data.records import Record
 from mira.errors import MiraError
 
+log = logging.getLogger("mira")
 IGNORE = -100
 CUT_MARK = " [...] "
 OVERFLOW_POLICIES = ("drop", "truncate_input")
@@ -64,7 +66,8 @@ def register_template(cls):
 class Template:
     """``prompt(record)`` is the text before the response; ``response(record)`` the text after it.
 
-    ``bos``: prepend the tokenizer's BOS token; ``eos``: append its EOS after a whole response.
+    ``bos``: prepend BOS where the tokenizer itself would (``adds_bos``); ``eos``: append EOS after a
+    whole response.
     """
 
     name: ClassVar[str]
@@ -230,6 +233,7 @@ class TokenizedDataset:
     records: list[Record] = field(default_factory=list)
     prompt_lens: list[int] = field(default_factory=list)
     stats: LengthStats = field(default_factory=LengthStats)
+    source_index: list[int] = field(default_factory=list)  # each example's position in the records given
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -241,7 +245,13 @@ class TokenizedDataset:
     def subset(self, idx) -> "TokenizedDataset":
         return TokenizedDataset([self.input_ids[i] for i in idx], [self.labels[i] for i in idx],
                                 [self.records[i] for i in idx] if self.records else [],
-                                [self.prompt_lens[i] for i in idx] if self.prompt_lens else [])
+                                [self.prompt_lens[i] for i in idx] if self.prompt_lens else [],
+                                source_index=[self.source_index[i] for i in idx] if self.source_index else [])
+
+    def positions(self, source_ids) -> list[int]:
+        """Positions of the examples made from records ``source_ids`` (those the length policy kept)."""
+        pos = {src: i for i, src in enumerate(self.source_index)}
+        return [pos[s] for s in source_ids if s in pos]
 
     @staticmethod
     def concat(parts: list["TokenizedDataset"]) -> "TokenizedDataset":
@@ -259,7 +269,7 @@ class Tokenizer:
     """Turns records into (prompt ids, response ids) under one template and one length policy."""
 
     def __init__(self, tokenizer, max_length: int, template: str | Template | None = "alpaca",
-                 overflow: str = "drop", min_response_tokens: int = 16):
+                 overflow: str = "drop", min_response_tokens: int = 16, warn: bool = True):
         if overflow not in OVERFLOW_POLICIES:
             raise MiraError(f"unknown overflow policy {overflow!r}; choose one of {list(OVERFLOW_POLICIES)}",
                             where="data.overflow")
@@ -267,8 +277,9 @@ class Tokenizer:
         self.template = template if isinstance(template, Template) else get_template(template, tokenizer)
         self.max_length = max_length
         self.overflow = overflow
+        self.warn = warn  # log what the length policy did (callers that report it themselves pass False)
         self.min_response = min(min_response_tokens, max_length // 2)
-        self.bos = [tokenizer.bos_token_id] if self.template.bos and tokenizer.bos_token_id is not None else []
+        self.bos = [tokenizer.bos_token_id] if self.template.bos and adds_bos(tokenizer) else []
         self.eos = [tokenizer.eos_token_id] if self.template.eos and tokenizer.eos_token_id is not None else []
 
     def ids(self, text: str) -> list[int]:
@@ -316,14 +327,14 @@ class Tokenizer:
     def __call__(self, records: list[Record]) -> TokenizedDataset:
         ds = TokenizedDataset([], [], [], [])
         st = ds.stats
-        for r in records:
+        for n, r in enumerate(records):
             p, resp = self.encode(r)
             st.before += 1
             st.prompt_lens.append(len(p))
             st.response_lens.append(len(resp))
             if len(p) + len(resp) <= self.max_length and not (self.overflow == "truncate_input"
                                                             and len(p) > self.max_length - self.min_response):
-                ds_add(ds, r, p, resp)
+                ds_add(ds, n, r, p, resp)
                 continue
             if self.overflow == "drop":
                 st.dropped += 1
@@ -339,12 +350,24 @@ class Tokenizer:
             if len(resp) > room:
                 resp = resp[:room]  # no EOS: the model must not learn to stop mid-answer
                 st.response_truncated += 1
-            ds_add(ds, r, p, resp)
+            ds_add(ds, n, r, p, resp)
         st.after = len(ds)
+        if self.warn and (st.dropped or st.truncated):
+            log.warning("max_length %d (%s, template %s): %d of %d examples dropped, %d inputs and %d responses cut",
+                        self.max_length, self.overflow, self.template.name, st.dropped, st.before,
+                        st.input_truncated, st.response_truncated)
         return ds
 
 
-def ds_add(ds: TokenizedDataset, r: Record, p: list[int], resp: list[int]) -> None:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts a text with BOS (Llama/SentencePiece style; GPT-2-style
+    tokenizers such as SmolLM2's do not, and their ``bos_token`` is a chat control token)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def ds_add(ds: TokenizedDataset, n: int, r: Record, p: list[int], resp: list[int]) -> None:
+    ds.source_index.append(n)
     ds.input_ids.append(p + resp)
     ds.labels.append([IGNORE] * len(p) + resp)
     ds.records.append(r)
@@ -359,7 +382,8 @@ def tokenize_records(records: list[Record], tokenizer, max_length: int, template
 
 def tokenizer_from_config(data_cfg, tokenizer) -> Tokenizer:
     """The ``Tokenizer`` a run's ``data:`` section describes."""
-    return Tokenizer(tokenizer, data_cfg.max_length, data_cfg.template, data_cfg.overflow, data_cfg.min_response_tokens)
+    return Tokenizer(tokenizer, data_cfg.max_length, data_cfg.template, data_cfg.overflow, data_cfg.min_response_tokens,
+                     warn=False)
 
 
 def check_client_stats(client_id: int, task: str, stats: LengthStats, data_cfg) -> None:

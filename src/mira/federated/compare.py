@@ -13,6 +13,7 @@ import yaml
 
 from mira.config import RunConfig, validate
 from mira.errors import MiraError
+from mira.data.report import totals
 from mira.federated.engine import Engine, Workspace
 from mira.federated.strategies import get_strategy
 from mira.io import atomic_write_json, atomic_write_text
@@ -33,18 +34,20 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
     return label, name, opts
 
 
-def config_for(cfg: RunConfig, name: str, opts: dict, seed: int) -> RunConfig:
+def config_for(cfg: RunConfig, name: str, opts: dict, seed: int, vary_data: bool = True) -> RunConfig:
     raw = cfg.model_dump(mode="json")
     cls = get_strategy(name)
     accepted = set(cls.Params.model_fields) | {f.alias for f in cls.Params.model_fields.values() if f.alias}
     base_opts = {k: v for k, v in cfg.algorithm.params().items() if k in accepted}
     raw["algorithm"] = {"name": name, **base_opts, **opts}
     raw["seed"] = seed
+    if vary_data:  # each seed also draws its own data sample and split, so the spread covers the data
+        raw["data"]["seed"] = cfg.data.seed + seed
     return validate(raw)
 
 
 def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int], progress=None,
-            log=lambda s: None) -> dict:
+            log=lambda s: None, vary_data: bool = True) -> dict:
     out = Path(out)
     progress = progress or NullProgress()
     parsed = [parse_spec(s) for s in specs]
@@ -53,11 +56,13 @@ def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int],
         raise MiraError("an algorithm appears twice", where="--algorithms")
     per_seed: dict[str, list[dict]] = {label: [] for label in labels}
     last_rows: dict[str, list[dict]] = {}
+    data_per_seed: list[dict] = []
     for seed in seeds:
-        seed_cfg = config_for(cfg, parsed[0][1], parsed[0][2], seed)
+        seed_cfg = config_for(cfg, parsed[0][1], parsed[0][2], seed, vary_data)
         ws = Workspace.load(seed_cfg, log)
+        data_per_seed.append({"seed": seed, "data_seed": seed_cfg.data.seed, **totals(ws.data_report)})
         for label, name, opts in parsed:
-            run_cfg = config_for(cfg, name, opts, seed)
+            run_cfg = config_for(cfg, name, opts, seed, vary_data)
             run_dir = out / (f"seed_{seed}" if len(seeds) > 1 else "") / label
             engine = Engine(ws, run_cfg, run_dir)
             summary = engine.run(progress=progress)
@@ -75,12 +80,15 @@ def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int],
             if vals:
                 entry[key] = float(np.mean(vals))
                 entry[f"{key}_std"] = float(np.std(vals))
+                entry[f"{key}_ci95"] = ci95(vals)
         entry["per_seed"] = [{"seed": s, "mean_local_test_loss": r["mean_local_test_loss"],
                               "mean_global_test_loss": r["mean_global_test_loss"]} for s, r in zip(seeds, runs)]
         table[label] = entry
-    result = {"config": cfg.model_dump(mode="json"), "algorithms": table}
+    result = {"config": cfg.model_dump(mode="json"), "vary_data": vary_data, "data": data_per_seed,
+              "prompt_intact_fraction": float(np.mean([d["prompt_intact_fraction"] for d in data_per_seed])),
+              "algorithms": table}
     atomic_write_json(out / "comparison.json", result)
-    atomic_write_text(out / "comparison.md", markdown_table(table))
+    atomic_write_text(out / "comparison.md", markdown_table(table, result["prompt_intact_fraction"]))
     if cfg.plots:
         from mira.report.plots import plot_compare
 
@@ -91,11 +99,20 @@ def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int],
     return result
 
 
-def markdown_table(table: dict) -> str:
+def ci95(vals) -> float:
+    """Half-width of the 95% Student-t confidence interval of the mean (0 for one value)."""
+    if len(vals) < 2:
+        return 0.0
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / np.sqrt(len(vals)))
+
+
+def markdown_table(table: dict, intact: float | None = None) -> str:
     multi = any(len(e["seeds"]) > 1 for e in table.values())
 
     def fmt(e, key):
-        return f"{e[key]:.4f} ± {e[key + '_std']:.4f}" if multi else f"{e[key]:.4f}"
+        return f"{e[key]:.4f} ± {e[key + '_ci95']:.4f}" if multi else f"{e[key]:.4f}"
 
     lines = ["| algorithm | mean local test loss | mean global test loss | bytes up | bytes down |",
              "|---|---|---|---|---|"]
@@ -104,5 +121,8 @@ def markdown_table(table: dict) -> str:
                      f"{int(e['bytes_up']):,} | {int(e['bytes_down']):,} |")
     seeds = next(iter(table.values()))["seeds"]
     lines.append("")
-    lines.append(f"Seeds: {seeds}." + (" Mean ± standard deviation over seeds." if multi else ""))
+    lines.append(f"Seeds: {seeds} (each also draws its own data sample)." +
+                 (" Mean ± half-width of the 95% t-interval over seeds." if multi else ""))
+    if intact is not None:
+        lines.append(f"Examples whose prompt (instruction and input) reaches the model whole: {100 * intact:.1f}%.")
     return "\n".join(lines) + "\n"

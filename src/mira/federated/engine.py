@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -68,7 +68,7 @@ class Workspace:
     train: list[TokenizedDataset]
     test: list[TokenizedDataset]
     global_test: TokenizedDataset
-    data_report: list[dict]
+    data_report: list[dict] = field(default_factory=list)  # empty on a Flower server: the nodes hold the data
 
     @classmethod
     def load(cls, cfg: RunConfig, log_fn: Callable[[str], None] = lambda s: None) -> "Workspace":

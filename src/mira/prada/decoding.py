@@ -276,12 +276,11 @@ TEMPLATES = ("alpaca", "raw")
 def prompt_ids(tokenizer, prompt: str, input_text: str = "", template: str = "alpaca") -> list[int]:
     """Token ids of a prompt: the Alpaca template exactly as ``tokenize_records`` builds it
     (what the adapter was trained on), or ``raw``: BOS and the text as it is."""
-    from mira.data.prompts import tokenize_records
+    from mira.data.prompts import Tokenizer
     from mira.data.records import Record
 
     if template == "alpaca":
-        ds = tokenize_records([Record(instruction=prompt, input=input_text, output=" ")], tokenizer, max_length=1 << 30)
-        return ds.input_ids[0][: ds.prompt_lens[0]]
+        return Tokenizer(tokenizer, 1 << 30, "alpaca").prompt_ids(Record(instruction=prompt, input=input_text, output=" "))
     if template == "raw":
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         return bos + tokenizer(prompt + input_text, add_special_tokens=False)["input_ids"]

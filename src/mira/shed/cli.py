@@ -82,6 +82,7 @@ def refine_cmd(
     tolerance: float = typer.Option(0.01, "--tolerance",
                                     help="truncate an iteration once |v(S)-v(empty)| <= tol*|v(N)-v(empty)|"),
     max_length: int = typer.Option(128, "--max-length", help="tokens per example for v(S)"),
+    template: str = typer.Option("auto", "--template", help="prompt template: auto, alpaca, compact, chat or a string"),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="write shed_values.png"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
 ):
@@ -96,7 +97,7 @@ def refine_cmd(
         "budget": parse_budget(budget), "strategy": strategy, "model": model, "clusters": clusters,
         "iterations": iterations, "group_size": group_size, "beta": beta, "standardize": standardize, "seed": seed,
         "val_fraction": val_fraction, "steps": steps, "epochs": epochs, "metric": metric, "embedder": embedder,
-        "tolerance": tolerance, "max_length": max_length,
+        "tolerance": tolerance, "max_length": max_length, "template": template,
     }
     settings = ShedSettings.from_mapping(raw, flags=True)
     records = load_data(data, source)

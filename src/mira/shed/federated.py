@@ -39,7 +39,7 @@ def hook_settings(cfg) -> ShedSettings:
                         where="refine.method")
     defaults = {"model": cfg.model.path, "device": cfg.model.device, "lora_r": cfg.lora.r,
                 "lora_alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules,
-                "max_length": cfg.data.max_length, "lr": cfg.federation.lr,
+                "max_length": cfg.data.max_length, "template": cfg.data.template, "lr": cfg.federation.lr,
                 "batch_size": cfg.federation.batch_size, "seed": cfg.seed}
     return ShedSettings.from_mapping({**defaults, **dict(hook.model_extra or {})}, where="refine")
 

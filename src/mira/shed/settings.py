@@ -54,6 +54,7 @@ class ShedSettings(BaseModel):
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(128, gt=8)
+    template: str = "auto"  # see mira.data.prompts; long inputs are cut from the middle, never the instruction
     lora_r: int = Field(8, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)

@@ -25,6 +25,7 @@ import torch
 
 from mira.data.prompts import IGNORE, TokenizedDataset, collate, tokenize_records
 from mira.data.records import Record
+from mira.errors import MiraError
 from mira.eval.metrics import eval_loss
 from mira.models.adapters import AdapterSlot, AdapterState, lora_settings_to_peft
 from mira.shed.settings import ShedSettings
@@ -97,14 +98,18 @@ class LoraValue:
         self.proxy = proxy
         self.s = s
         self.score_fn = SCORES[s.metric]
-        self.train_ds = tokenize_records(list(proxy_records), proxy.tokenizer, s.max_length)
-        self.val_ds = tokenize_records(list(val_records), proxy.tokenizer, s.max_length)
+        # proxies keep their ids: a long input is cut from its middle, a long response from its end; a
+        # proxy whose instruction alone does not fit trains nothing (its marginal is measured as zero)
+        self.train_ds = tokenize_records(list(proxy_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
+        self.val_ds = tokenize_records(list(val_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
+        if not len(self.val_ds):
+            raise MiraError(f"no validation record fits max_length {s.max_length}", where="max_length")
         self.trainer = LocalTrainer(proxy.slot, proxy.pad_id, TrainSettings(
             lr=s.lr, batch_size=s.batch_size, weight_decay=0.0, grad_clip=1.0, steps=s.steps, epochs=s.epochs))
         self.start: AdapterState = proxy.slot.initial_state
         self.train_seconds = 0.0
         if s.warm_start_steps and warm_records:
-            warm_ds = tokenize_records(list(warm_records), proxy.tokenizer, s.max_length)
+            warm_ds = tokenize_records(list(warm_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
             proxy.slot.set(proxy.slot.initial_state)
             self.trainer.train(warm_ds, seed=s.seed + 1, steps=s.warm_start_steps)
             self.start = proxy.slot.get()
@@ -117,8 +122,9 @@ class LoraValue:
 
     def __call__(self, coalition: frozenset) -> float:
         self.proxy.slot.set(self.start)
-        if coalition:
-            res = self.trainer.train(self.train_ds.subset(sorted(coalition)), seed=self.s.seed)
+        idx = self.train_ds.positions(sorted(coalition))
+        if idx:
+            res = self.trainer.train(self.train_ds.subset(idx), seed=self.s.seed)
             self.train_seconds += res.step_time_s
         return self.score()
 

@@ -98,6 +98,11 @@ class LocalTrainer:
     def train(self, ds: TokenizedDataset, seed: int, *, frozen: frozenset[str] = frozenset(),
               prox_mu: float = 0.0, anchor: AdapterState | None = None, steps: int | None = None) -> TrainResult:
         s = self.settings
+        if not len(ds):
+            from mira.errors import MiraError
+
+            raise MiraError("no training example to train on (the length policy may have dropped them all: "
+                            "see data.max_length and data.overflow)", where="data.max_length")
         steps = steps if steps is not None else s.num_steps(len(ds))
         keys = [k for k in self.slot.keys() if k not in frozen]
         params = self.slot.trainable(keys)

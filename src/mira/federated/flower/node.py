@@ -23,6 +23,8 @@ Flower 1.41 starts a new ClientApp process for every message, so by default each
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -141,6 +143,10 @@ class NodeRuntime:
         self.client = load_client_data(cfg, spec)
         self.tokenizer, self.slot = load_slot(cfg)
         (self.train,), (self.test,), self.data_report = tokenize_clients([self.client], self.tokenizer, cfg.data)
+        from mira.data.report import log_lines
+
+        for line in log_lines(self.data_report):  # stays on this node, with its data
+            logging.getLogger("mira").info(line)
         self.trainer = LocalTrainer(self.slot, self.tokenizer.pad_token_id, train_settings(cfg))
         self.codec = WireCodec(self.slot.initial_state, cfg.federation.wire_dtype)
         self.lossless = WireCodec(self.slot.initial_state, "float32")
