@@ -51,8 +51,8 @@ def tiny_model(out: Path) -> str:
 
     texts = [format_prompt(r) + MARKER + r.output for r in generate_suite(20, seed=3)]
     tok = build_tokenizer(texts, vocab_size=200)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
     build_model(len(tok), hidden=32, layers=2, seed=0).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
@@ -307,7 +307,13 @@ def main() -> int:
         save()
     log(f"wrote {out}")
     _print_summary(report)
-    return 0
+    cpu_quant = [v for v in report["variants"] if v.get("quantization") and not torch.cuda.is_available()]
+    failed = [v["variant"] for v in report["variants"] if "error" in v and v not in cpu_quant]
+    if report["dolly"].get("returncode", 0) != 0 or "error" in report["dolly"]:
+        failed.append("dolly comparison")
+    if failed:
+        log(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def _print_summary(report: dict) -> None:

@@ -106,6 +106,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&
 say "running benchmarks/gpu_check.py"
 timeout "${GPU_CHECK_TIMEOUT:-420}" $PY benchmarks/gpu_check.py --random-init-fallback "$@"
 rc=$?
+# the CUDA-only tests (QLoRA training step on SmolLM2), if pytest is here
+if [ "$DRY" = 0 ] && $PY -c 'import pytest' 2>/dev/null; then
+  say "pytest: the CUDA tests"
+  LOG="${OUT:-benchmarks/results}/gpu_pytest.txt"
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/core/test_train_memory.py -k cuda -rs 2>&1 | tail -15 | tee "$LOG" >&2
+fi
 say "done (exit $rc)"
 exit $rc
 

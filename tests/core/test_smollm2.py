@@ -154,3 +154,73 @@ def test_hub_source_resolves_to_the_hub_id(monkeypatch):
     monkeypatch.setenv("MIRA_MODEL_SOURCE", "ftp")
     with pytest.raises(MiraError, match="MIRA_MODEL_SOURCE"):
         registry.get(ALIAS).ensure()
+
+
+def test_chat_template_is_the_default_and_masks_everything_but_the_answer(smol):
+    from mira.data.prompts import get_template, tokenize_records
+    from mira.data.records import Record
+
+    _, tok, _ = smol
+    assert get_template("auto", tok).name == "chat"
+    r = Record(instruction="Name a primary colour.", input="Answer in one word.", output="Red", task="t")
+    ds = tokenize_records([r], tok, 256, "auto")
+    ids, n = ds.input_ids[0], ds.prompt_lens[0]
+    prompt = tok.decode(ids[:n])
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nName a primary colour.\n\nAnswer in one word.<|im_end|>" in prompt
+    assert tok.decode(ds.labels[0][n:]) == "Red<|im_end|>"  # the end-of-turn is learned, not the newline after it
+    assert ids[0] != tok.bos_token_id or prompt.startswith("<|im_start|>system")  # no extra BOS before the template
+    assert ids.count(tok.bos_token_id) == 3  # system, user, assistant turns
+
+
+@pytest.mark.assets
+def test_one_mira_round_on_real_dolly(assets, tmp_path, capsys):
+    """2 clients x 1 local step of MIRA on SmolLM2 with real Dolly records, the chat template
+    chosen automatically; the exported adapters load in PEFT and give the engine's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mira.models.adapters import _saved_key
+    from tests.conftest import write_yaml
+
+    cfg = {"seed": 0, "model": {"path": ALIAS},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"source": "dolly", "path": str(assets / "data/dolly-15k/databricks-dolly-15k.jsonl"),
+                    "tasks": ["open_qa", "classification"], "max_per_task": 6, "max_length": 256,
+                    "overflow": "truncate_input"},
+           "partition": {"name": "by_task", "test_size": 2},
+           "federation": {"rounds": 1, "local_steps": 1, "batch_size": 2, "lr": 1e-3},
+           "algorithm": {"name": "mira", "lambda": 0.5},
+           "eval": {"every": 1, "batch_size": 4}, "plots": False}
+    path = write_yaml(tmp_path / "smol.yaml", cfg)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "-q"]) == 0
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["template"] == "chat" and summary["data"]["prompt_intact_fraction"] >= 0.9
+    assert len(summary["clients"]) == 2 and summary["train_steps"] == 2
+    assert all(np_isfinite(c["local_test_loss"]) for c in summary["clients"])
+    # the adapter of client 0, loaded by PEFT on a fresh base, gives the logits of the engine's slot
+    base, tok = load_base(ALIAS)
+    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    fresh = AutoModelForCausalLM.from_pretrained(registry.get(ALIAS).folder())
+    with torch.no_grad():
+        plain = fresh(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(fresh, out / "adapters" / "client_0")
+    from safetensors.torch import load_file
+
+    state = load_file(out / "adapters" / "client_0" / "adapter_model.safetensors")
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in state.items())  # it trained
+    slot = AdapterSlot.attach(base, lora_settings_to_peft(base, 4, 8, 0.0, None), seed=0)
+    slot.set({k: state[_saved_key(k, "default")] for k in slot.keys()})
+    with torch.no_grad():
+        ours, theirs = slot.model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4) and not torch.allclose(theirs, plain, atol=1e-6)
+
+
+def np_isfinite(x) -> bool:
+    import math
+
+    return math.isfinite(float(x))
