@@ -95,8 +95,8 @@ def main() -> None:
         ]
         for label, threshold, strategy in variants:
             zoo = {"base_model": str(model), "run": str(run),
-                   "validation": {"path": str(data_dir / "val.jsonl"), "max_per_task": args.n_val, "max_length": 96},
-                   "test": {"path": str(data_dir / "test.jsonl"), "max_per_task": args.n_test, "max_length": 96},
+                   "validation": {"path": str(data_dir / "val.jsonl"), "max_per_task": args.n_val, "max_length": 256, "template": "compact", "overflow": "truncate_input"},
+                   "test": {"path": str(data_dir / "test.jsonl"), "max_per_task": args.n_test, "max_length": 256, "template": "compact", "overflow": "truncate_input"},
                    "cluster": {"threshold": threshold},
                    "strategy": {"name": strategy, "budget": args.budget},
                    "mixture": {"kind": "router", "train_steps": 0}}

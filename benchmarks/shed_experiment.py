@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=80, help="steps of every fine-tune condition")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--template", default="compact", help="prompt template (mira.data.prompts)")
     p.add_argument("--embedder", default="all-MiniLM-L6-v2")
     p.add_argument("--embed-max-length", type=int, default=128)
     p.add_argument("--rouge-examples", type=int, default=32)
@@ -108,22 +109,23 @@ def main(argv=None) -> dict:
                                  budget=k, clusters=args.clusters,
                                  iterations=args.iterations, group_size=args.group_size, epochs=args.value_epochs,
                                  tolerance=args.tolerance, lr=args.lr, batch_size=args.batch_size,
-                                 max_length=args.max_length, beta=args.beta, standardize=True, strategy="qocs")
+                                 max_length=args.max_length, template=args.template, beta=args.beta, standardize=True,
+                                 strategy="qocs")
     proxy = ProxyModel.load(base_settings)
     pad = proxy.pad_id
-    test_ds = tokenize_records(test, proxy.tokenizer, args.max_length)
+    test_ds = tokenize_records(test, proxy.tokenizer, args.max_length, args.template, "truncate_input")
     train_settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, steps=args.train_steps)
     trainer = LocalTrainer(proxy.slot, pad, train_settings)
 
     def evaluate() -> dict:
         loss, _ = eval_loss(proxy.model, test_ds, pad, 16)
         preds = generate(proxy.model, proxy.tokenizer, test_ds, max_new_tokens=32, limit=args.rouge_examples)
-        refs = [r.output for r in test[: len(preds)]]
+        refs = [r.output for r in test_ds.records[: len(preds)]]
         return {"test_loss": loss, **generation_metrics(preds, refs)}
 
     def finetune(subset: list, seed: int) -> dict:
         proxy.slot.set(proxy.slot.initial_state)
-        ds = tokenize_records(subset, proxy.tokenizer, args.max_length)
+        ds = tokenize_records(subset, proxy.tokenizer, args.max_length, args.template, "truncate_input")
         t = time.perf_counter()
         res = trainer.train(ds, seed=seed)
         train_s = time.perf_counter() - t

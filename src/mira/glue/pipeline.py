@@ -66,7 +66,11 @@ def load_eval_set(es: EvalSetSpec, root: Path, tokenizer, where: str) -> Tokeniz
         if not group:
             raise MiraError(f"no {task!r} records left after skip_per_task={es.skip_per_task}", where=where)
         chosen += group
-    return tokenize_records(chosen, tokenizer, es.max_length)
+    ds = tokenize_records(chosen, tokenizer, es.max_length, es.template, es.overflow)
+    if not len(ds):
+        raise MiraError(f"no example fits max_length {es.max_length} (template {es.template}, overflow {es.overflow})",
+                        where=where)
+    return ds
 
 
 def _entry(name: str, kind: str, losses: dict[str, float], test: dict[str, float] | None, **extra: Any) -> dict:

@@ -10,7 +10,7 @@ per target task::
       path: val.jsonl
       tasks: [brainstorming, open_qa]
       max_per_task: 16
-      max_length: 96
+      max_length: 256                                # template: auto|alpaca|compact|chat; overflow: drop|truncate_input
     test: {...}                                      # optional held-out set, same format
     cluster: {threshold: 0.95}
     strategy: {name: heuristic_coefficient, budget: 30}
@@ -54,7 +54,9 @@ class EvalSetSpec(_Strict):
     data: dict[str, Any] | None = None
     tasks: list[str] | None = None
     max_per_task: int = Field(16, gt=0)
-    max_length: int = Field(96, gt=8)
+    max_length: int = Field(256, gt=8)
+    template: str = "auto"  # mira.data.prompts: auto (chat if the tokenizer has one, else alpaca), compact, ...
+    overflow: Literal["drop", "truncate_input"] = "drop"
     skip_per_task: int = Field(0, ge=0)
     """Drop this many records of each task first (e.g. those a run trained on)."""
     seed: int = 0

@@ -53,20 +53,6 @@ def _looks_like_hub_id(path: str) -> bool:
     return "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not Path(path).exists()
 
 
-def resolve_model_path(path: str, where: str = "model.path") -> str:
-    """A local Hugging Face folder or a Hub id for ``path`` (``builtin:demo`` is built on first use)."""
-    if path.startswith("builtin:"):
-        from mira.models.demo import ensure_demo_model
-
-        path = str(ensure_demo_model(path.split(":", 1)[1]))
-    local = Path(os.path.expanduser(path))
-    if not local.exists() and not _looks_like_hub_id(path):
-        raise MiraError(f"model folder not found: {path}", where=where)
-    if local.exists() and not (local / "config.json").exists():
-        raise MiraError(f"{path} is not a Hugging Face model folder (no config.json)", where=where)
-    return str(local) if local.exists() else path
-
-
 def load_tokenizer(path: str, where: str = "model.path"):
     """Only the tokenizer of ``path`` (resolved as ``load_base`` does), e.g. for ``mira data inspect``."""
     from transformers import AutoTokenizer
@@ -116,7 +102,8 @@ def bnb_config(quantization: str):
 
 
 def resolve_model_path(path: str, where: str = "model.path") -> str:
-    """An alias, ``builtin:NAME`` or ``.gguf`` file -> a local folder (fetched/converted once) or a Hub id."""
+    """An alias, ``builtin:NAME``, a ``.gguf`` file, a folder or a Hub id -> what ``from_pretrained`` loads
+    (aliases and GGUF files are fetched/converted once into ``$MIRA_CACHE``)."""
     from mira.models import registry
 
     entry = registry.lookup(path)
@@ -131,7 +118,13 @@ def resolve_model_path(path: str, where: str = "model.path") -> str:
         if not local.is_file():
             raise MiraError(f"GGUF file not found: {path}", where=where)
         return str(registry.ensure_gguf(local, registry.stderr_log))
-    return path
+    local = Path(os.path.expanduser(path))
+    if not local.exists() and not _looks_like_hub_id(path):
+        hint = "" if "/" in path else f" (nor a model alias: {', '.join(sorted(registry.MODELS))})"
+        raise MiraError(f"model folder not found: {path}{hint}", where=where)
+    if local.exists() and not (local / "config.json").exists():
+        raise MiraError(f"{path} is not a Hugging Face model folder (no config.json)", where=where)
+    return str(local) if local.exists() else path
 
 
 def load_base(path: str, dtype: str = "float32", device: str = "auto", where: str = "model.path",
@@ -148,16 +141,7 @@ def load_base(path: str, dtype: str = "float32", device: str = "auto", where: st
     if dtype not in DTYPES:
         raise MiraError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", where="model.dtype")
     check_quantization(quantization, device)
-    path = resolve_model_path(path, where)
-    local = Path(os.path.expanduser(path))
-    if not local.exists() and not _looks_like_hub_id(path):
-        from mira.models.registry import MODELS
-
-        hint = "" if "/" in path else f" (nor a model alias: {', '.join(sorted(MODELS))})"
-        raise MiraError(f"model folder not found: {path}{hint}", where=where)
-    if local.exists() and not (local / "config.json").exists():
-        raise MiraError(f"{path} is not a Hugging Face model folder (no config.json)", where=where)
-    src = str(local) if local.exists() else path
+    src = resolve_model_path(path, where)
     kwargs = {"dtype": DTYPES[dtype]}
     if quantization:
         dev = resolve_device(device)
