@@ -11,7 +11,7 @@ ALGOS="local,fedit,fedprox,ffa_lora,mira,centralized,mira:graph=similarity"
 NAMES=("$@")
 [ ${#NAMES[@]} -eq 0 ] && NAMES=(dolly natural_instructions)
 for name in "${NAMES[@]}"; do
-  .venv/bin/mira compare "examples/$name.yaml" --algorithms "$ALGOS" --seeds 0,1,2 --out "runs/compare-$name" -q
+  .venv/bin/mira compare "examples/$name.yaml" --algorithms "$ALGOS" --seeds 0,1,2 --out "runs/compare-$name" --overwrite -q
   cp "runs/compare-$name/comparison.json" "benchmarks/results/compare-$name.json"
   cp "runs/compare-$name/comparison.md" "benchmarks/results/compare-$name.md"
 done

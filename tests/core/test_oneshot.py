@@ -55,3 +55,44 @@ def test_oneshot_with_a_merge_method(tiny_cfg, tmp_path):
     # TIES trims each task vector to half its entries: some B entries stay exactly at the init (0)
     merged = eng.strategy.adapter_for(0)
     assert any((merged[k] == 0).any() for k in b_keys) and any((merged[k] != 0).any() for k in b_keys)
+
+
+def _oneshot_merge(merge: str, n_train: list[int], updates: list[dict], init: dict, **merge_params) -> dict:
+    keys = list(init)
+    ctx = StrategyContext(num_clients=len(n_train), n_train=n_train, lr=0.1, local_steps=1, seed=0, keys=keys,
+                          rounds=1)
+    cls = get_strategy("oneshot")
+    s = cls(cls.parse_params({"merge": merge, "merge_params": merge_params} if merge_params else {"merge": merge}),
+            ctx, init)
+    s.aggregate_fit(1, {c: FitRes({k: init[k] + u[k] for k in keys}, n) for c, (u, n) in
+                        enumerate(zip(updates, n_train))})
+    return s.adapter_for(0)
+
+
+def test_oneshot_task_arithmetic_averages_the_updates_instead_of_summing_them():
+    """Raw example counts as weights scaled the update by their sum (400x here); proportions average it."""
+    keys = ["a.lora_A.weight", "a.lora_B.weight"]
+    gen = torch.Generator().manual_seed(1)
+    init = {k: torch.randn(6, 4, generator=gen) for k in keys}
+    n_train = [100, 50, 150, 100]
+    direction = {k: torch.randn(6, 4, generator=gen) for k in keys}
+    scales = [0.5, 1.0, 2.0, 1.5]  # updates along one direction: the average's norm lies between theirs
+    updates = [{k: s * direction[k] for k in keys} for s in scales]
+
+    def norm(state: dict) -> float:
+        return float(torch.sqrt(sum((state[k] - init[k]).pow(2).sum() for k in keys)))
+
+    client_norms = [norm({k: init[k] + u[k] for k in keys}) for u in updates]
+    merged = _oneshot_merge("task_arithmetic", n_train, updates, init)
+    assert min(client_norms) <= norm(merged) <= max(client_norms)
+    linear = _oneshot_merge("linear", n_train, updates, init)
+    assert all(torch.allclose(merged[k], linear[k], atol=1e-6) for k in keys)
+    # any updates: the merged one is the data-weighted average of the clients'
+    updates = [{k: torch.randn(6, 4, generator=gen) for k in keys} for _ in n_train]
+    merged = _oneshot_merge("task_arithmetic", n_train, updates, init)
+    expected = {k: init[k] + sum(u[k] * n for u, n in zip(updates, n_train)) / sum(n_train) for k in keys}
+    assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in keys)
+    assert norm(merged) <= max(norm({k: init[k] + u[k] for k in keys}) for u in updates)
+    # dare (which sums task vectors too) stays at the scale of one client's update, not 400 of them
+    dare = _oneshot_merge("dare", n_train, updates, init, density=0.5, rescale="inverse_density")
+    assert norm(dare) < 3 * max(norm({k: init[k] + u[k] for k in keys}) for u in updates)

@@ -63,3 +63,13 @@ def test_missing_recipe_file_and_missing_out(cli, tmp_path, capsys):
     assert cli(["merge", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "recipe file not found" in capsys.readouterr().err
     assert cli(["merge", str(tmp_path / "nope.yaml")]) == 2  # click usage error: --out is required
+
+
+def test_the_dare_rescaling_in_use_is_printed(cli, zoo, tmp_path, capsys):
+    recipe = write(tmp_path / "r.yaml", {"merge_method": "dare_ties", "base_model": str(zoo["base"]),
+                                         "models": [{"model": str(zoo["ft0"]), "parameters": {"density": 0.5}},
+                                                    {"model": str(zoo["ft1"]), "parameters": {"density": 0.5}}]})
+    assert cli(["merge", recipe, "--out", str(tmp_path / "out")]) == 0
+    assert "note: dare_ties (combine: ties, normalize: False): rescale l1" in capsys.readouterr().err
+    assert cli(["merge", recipe, "--out", str(tmp_path / "out"), "--overwrite", "-q"]) == 0
+    assert "rescale" not in capsys.readouterr().err

@@ -90,11 +90,11 @@ def test_dare_drops_with_probability_p_and_keeps_the_expectation():
 def test_dare_is_seeded_per_tensor_name_and_model():
     dare = get_method("dare")
     base, x = torch.zeros(1000), torch.randn(1000)
-    params = MergeParams(name="layer.weight", densities=(0.5,), seed=3)
+    params = MergeParams(name="layer.weight", densities=(0.5,), seed=3, rescale="inverse_density")
     first = dare.merge_tensor([x], [1.0], base, params)
     assert torch.equal(first, dare.merge_tensor([x], [1.0], base, params))
-    other_name = MergeParams(name="other", densities=(0.5,), seed=3)
-    other_seed = MergeParams(name="layer.weight", densities=(0.5,), seed=4)
+    other_name = MergeParams(name="other", densities=(0.5,), seed=3, rescale="inverse_density")
+    other_seed = MergeParams(name="layer.weight", densities=(0.5,), seed=4, rescale="inverse_density")
     assert not torch.equal(first, dare.merge_tensor([x], [1.0], base, other_name))
     assert not torch.equal(first, dare.merge_tensor([x], [1.0], base, other_seed))
     kept = first != 0
@@ -108,7 +108,7 @@ def test_dare_without_drops_reduces_to_task_arithmetic_or_ties():
     keep_all = MergeParams(densities=(1.0, 1.0), lam=0.5)
     assert torch.allclose(dare.merge_tensor(models, [1.0, 1.0], base, keep_all),
                           get_method("task_arithmetic").merge_tensor(models, [1.0, 1.0], base, keep_all))
-    ties_combine = MergeParams(densities=(1.0, 1.0), combine="ties")
+    ties_combine = MergeParams(densities=(1.0, 1.0), combine="ties", normalize=True)  # mergekit: off by default
     assert torch.allclose(dare.merge_tensor(models, [1.0, 1.0], base, ties_combine),
                           get_method("ties").merge_tensor(models, [1.0, 1.0], base, MergeParams()))
     with pytest.raises(MiraError, match="drop_rate"):

@@ -18,7 +18,8 @@ from rich.console import Console
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough for the whole table
     console = Console(width=160)
-data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Look at a config's data before training.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                       help="Look at a config's data before training.")
 
 
 @data_app.command("inspect")

@@ -1,7 +1,31 @@
-"""``mira run``, ``mira compare`` and ``mira demo``."""
+"""``mira run``, ``mira compare`` and ``mira demo``.
+
+Output folders. A run or a comparison never mixes its files with another's and never
+damages an earlier result:
+
+* every option is validated (config, algorithm options, merge method, seeds) before
+  anything is written;
+* a ``--out`` that exists and is not empty is refused unless ``--overwrite``;
+* a new run into a missing or empty ``--out`` writes there directly, so a run that is
+  killed is continued, exactly, with ``mira run --resume OUT`` (from its last checkpoint,
+  or from round 0 when it was killed before the first one);
+* with ``--overwrite`` the new run is built beside the old one, in ``.<name>.partial-<pid>``,
+  and swapped in only when it has finished (``mira.io.replace_dir``: the old folder or the
+  new one always exists). Until then the old run is untouched. If the new run is killed
+  or fails after a checkpoint, the partial folder is kept and is itself a run directory:
+  ``mira run --resume .<name>.partial-<pid>`` continues it and, when it finishes, swaps it
+  into ``<name>``; the error message says where it is.
+
+Building every new run in a temporary folder would protect nothing more (a missing or
+empty ``--out`` holds no result) and would move a killed run away from where the user
+looks for it, so only the replacing case pays for it.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,6 +36,8 @@ from rich.table import Table
 from mira.errors import MiraError
 
 console = Console()
+err_console = Console(stderr=True)
+PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-\d+(?:-\d+)?$")  # .<name>.partial-<pid>[-<n>]
 
 ALL_ALGORITHMS = "local,fedit,fedprox,ffa_lora,mira,centralized"
 
@@ -37,28 +63,105 @@ def _fmt(e: dict, key: str) -> str:
     return f"{e[key]:.4f}" + (f" ± {std:.4f}" if std else "")
 
 
+def check_out(out: Path, overwrite: bool) -> bool:
+    """Refuse a ``--out`` that exists and is not empty unless ``overwrite``; True when it must be replaced."""
+    from mira.io import is_empty_dir, recover_dir
+
+    recover_dir(out)  # a replace that a kill interrupted: the old folder comes back first
+    partials = unfinished_partials(out)
+    note = (f"; an unfinished --overwrite run is in {partials[-1]} (mira run --resume {partials[-1]} "
+            f"continues it)") if partials else ""
+    if is_empty_dir(out):
+        if note:
+            logging.getLogger("mira").warning(note[2:])
+        return False
+    if not overwrite:
+        unfinished = out.is_dir() and (out / "config.yaml").exists() and not (out / "summary.json").exists()
+        hint = f" (an unfinished run: mira run --resume {out} continues it)" if unfinished else ""
+        raise MiraError(f"{out} exists and is not empty{hint}; pass --overwrite to replace it{note}", where="--out")
+    if note:
+        logging.getLogger("mira").warning(note[2:])
+    return True
+
+
+def unfinished_partials(out: Path) -> list[Path]:
+    """The resumable ``.<name>.partial-<pid>`` folders beside ``out`` (oldest first)."""
+    if not out.parent.is_dir():
+        return []
+    found = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial-")
+             and PARTIAL.match(p.name) and (p / "config.yaml").exists()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def partial_dir(out: Path) -> Path:
+    """``.<name>.partial-<pid>`` beside ``out`` (a free name)."""
+    path, n = out.parent / f".{out.name}.partial-{os.getpid()}", 1
+    while path.exists():
+        n += 1
+        path = out.parent / f".{out.name}.partial-{os.getpid()}-{n}"
+    return path
+
+
+def _after_failure(out: Path, resumed: bool, existed: bool) -> None:
+    """A run stopped by an error or a signal: keep what can be resumed and say where; remove the rest.
+    A resumed run is left as it is (its folder is the one the user named)."""
+    from mira.federated.engine import CHECKPOINT
+
+    if resumed:
+        return
+    if (out / CHECKPOINT).exists():
+        err_console.print(f"the unfinished run is in {out}: mira run --resume {out} continues it",
+                          highlight=False, soft_wrap=True, markup=False)
+    elif not existed:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():  # an empty --out that this run started to fill: empty it again
+        for entry in out.iterdir():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
 def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (default: the embedded demo config)"),
-            out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (must be new or empty)"),
             set_: List[str] = typer.Option([], "--set", help="override a config field, e.g. federation.rounds=5"),
             resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory"),
+            overwrite: bool = typer.Option(False, "--overwrite",
+                                           help="replace a non-empty --out, once the new run has finished"),
             quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars")):
     """Run one federated algorithm and write a run directory."""
     from mira.config import load_config
     from mira.federated.engine import Engine, Workspace
+    from mira.io import recover_dir, replace_dir
     from mira.report.progress import make_progress
 
     _setup(quiet)
+    target = None  # the folder this run replaces when it finishes (--overwrite)
     if resume is not None:
+        if overwrite:
+            raise MiraError("--resume continues a run in place; it takes no --overwrite", where="--overwrite")
+        recover_dir(resume)
         if not (resume / "config.yaml").exists():
             raise MiraError(f"{resume} is not a mira run directory (no config.yaml)", where="--resume")
         cfg, _ = load_config(resume / "config.yaml", set_)
         out = resume
+        m = PARTIAL.match(resume.resolve().name)
+        if m:  # the partial folder of a `run --overwrite`: it replaces <name> when it finishes
+            target = resume.resolve().parent / m.group("name")
     else:
         cfg, _ = load_config(config, set_)
         out = out or Path("runs") / cfg.algorithm.name
+        if check_out(out, overwrite):
+            target, out = out, partial_dir(out)
     with make_progress(quiet) as progress:
         ws = Workspace.load(cfg, progress.log)
-        summary = Engine(ws, cfg, out, quiet).run(resume=resume is not None, progress=progress)
+        engine = Engine(ws, cfg, out, quiet)
+        existed = out.exists()
+        try:
+            summary = engine.run(resume=resume is not None, progress=progress)
+        except BaseException:
+            _after_failure(out, resume is not None, existed)
+            raise
+    if target is not None:
+        replace_dir(out, target)
+        out = target
     if not quiet:
         console.print(_summary_table(f"{cfg.algorithm.name} after {summary['rounds']} rounds", [
             (summary["algorithm"], f"{summary['mean_local_test_loss']:.4f}", f"{summary['mean_global_test_loss']:.4f}",
@@ -69,13 +172,14 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (def
 def compare_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (default: the embedded demo config)"),
                 algorithms: str = typer.Option(ALL_ALGORITHMS, "--algorithms", "-a",
                                                help="comma-separated; options after a colon, e.g. mira:graph=similarity"),
-                out: Path = typer.Option(Path("runs/compare"), "--out", "-o"),
+                out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="must be new or empty"),
                 seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
                 set_: List[str] = typer.Option([], "--set"),
+                overwrite: bool = typer.Option(False, "--overwrite",
+                                               help="replace a non-empty --out, once the comparison has finished"),
                 quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Run several algorithms on identical data, model and seeds; write comparison.{json,md,png}."""
     from mira.config import load_config
-    from mira.federated.compare import compare
     from mira.report.progress import make_progress
 
     _setup(quiet)
@@ -85,9 +189,32 @@ def compare_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config 
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise MiraError(f"seeds must be integers, got {seeds!r}", where="--seeds") from None
+    if not seed_list:
+        raise MiraError("no seed given", where="--seeds")
     with make_progress(quiet) as progress:
-        result = compare(cfg, specs, out, seed_list, progress, progress.log)
+        result = _compare_into(cfg, specs, out, seed_list, overwrite, progress)
     _print_comparison(result, out, quiet)
+
+
+def _compare_into(cfg, specs: list[str], out: Path, seeds: list[int], overwrite: bool, progress) -> dict:
+    """``compare`` into ``out``: refused when not empty, unless ``overwrite``; then built beside it and
+    swapped in at the end (a comparison has no resume: a failed replacement is removed, the old one
+    stays). Into a new or empty ``out`` it writes directly, and a failure keeps the run folders of
+    the algorithms that finished."""
+    from mira.federated.compare import check_specs, compare
+    from mira.io import make_temp_dir, replace_dir
+
+    check_specs(cfg, specs, seeds)  # every algorithm and option, before anything is written
+    if not check_out(out, overwrite):
+        return compare(cfg, specs, out, seeds, progress, progress.log)
+    build = make_temp_dir(out)
+    try:
+        result = compare(cfg, specs, build, seeds, progress, progress.log)
+        replace_dir(build, out)
+    finally:
+        if build.exists():
+            shutil.rmtree(build, ignore_errors=True)
+    return result
 
 
 def _split_specs(text: str) -> list[str]:
@@ -115,9 +242,10 @@ def _print_comparison(result: dict, out: Path, quiet: bool) -> None:
 
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
              quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """The embedded default end to end: mira's own 8-task suite and demo model, all algorithms."""
+    """The embedded default end to end: mira's own 8-task suite and demo model, all algorithms.
+
+    Replaces its own earlier output in ``--out`` (so ``make demo`` can run again)."""
     from mira.config import load_config
-    from mira.federated.compare import compare
     from mira.report.progress import make_progress
 
     _setup(quiet)
@@ -126,7 +254,7 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
     with make_progress(quiet) as progress:
         progress.log("data: mira's synthetic 8-task suite (add/sub, reverse chars/words, upper/lower, sort digits/letters)")
         progress.log("model: builtin:demo, a 3-layer Llama that mira builds and pre-trains on first use (cached)")
-        result = compare(cfg, specs, out, [cfg.seed], progress, progress.log)
+        result = _compare_into(cfg, specs, out, [cfg.seed], True, progress)
     _print_comparison(result, out, quiet)
 
 

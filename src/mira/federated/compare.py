@@ -46,14 +46,24 @@ def config_for(cfg: RunConfig, name: str, opts: dict, seed: int, vary_data: bool
     return validate(raw)
 
 
-def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int], progress=None,
-            log=lambda s: None, vary_data: bool = True) -> dict:
-    out = Path(out)
-    progress = progress or NullProgress()
+def check_specs(cfg: RunConfig, specs: list[str], seeds: list[int], vary_data: bool = True) -> list[tuple]:
+    """Parse every spec and validate the config of every (algorithm, seed), before anything runs."""
     parsed = [parse_spec(s) for s in specs]
     labels = [p[0] for p in parsed]
     if len(set(labels)) != len(labels):
         raise MiraError("an algorithm appears twice", where="--algorithms")
+    for seed in seeds:
+        for _, name, opts in parsed:
+            config_for(cfg, name, opts, seed, vary_data)
+    return parsed
+
+
+def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int], progress=None,
+            log=lambda s: None, vary_data: bool = True) -> dict:
+    out = Path(out)
+    progress = progress or NullProgress()
+    parsed = check_specs(cfg, specs, seeds, vary_data)
+    labels = [p[0] for p in parsed]
     per_seed: dict[str, list[dict]] = {label: [] for label in labels}
     last_rows: dict[str, list[dict]] = {}
     data_per_seed: list[dict] = []

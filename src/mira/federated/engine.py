@@ -12,7 +12,10 @@ the one frozen base model with its LoRA slot, and the tokenised splits.
 5. checkpoint the server state atomically.
 
 Randomness is derived from ``(seed, round, client)``, so a resumed run retraces the
-uninterrupted one exactly.
+uninterrupted one exactly. The checkpoint holds only tensors and plain data (numpy arrays
+are stored as tensors, numpy scalars as numbers), so it is read back with
+``torch.load(weights_only=True)``: a ``checkpoint.pt`` that would run code when unpickled
+is refused, not executed.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from mira.eval.metrics import eval_loss, generate, generation_metrics
 from mira.federated.client import client_fit
 from mira.federated.strategies import FitRes, Strategy, StrategyContext, get_strategy
 from mira.federated.wire import WireCodec
-from mira.io import atomic_save_npy, atomic_torch_save, atomic_write_json, atomic_write_text
+from mira.io import atomic_save_npy, atomic_torch_save, atomic_write_json, atomic_write_text, clean_temp
 from mira.models.adapters import AdapterSlot, all_finite, lora_settings_to_peft
 from mira.models.loader import load_base
 from mira.report.progress import NullProgress
@@ -44,6 +47,48 @@ from mira.train.trainer import LocalTrainer, TrainSettings
 
 log = logging.getLogger("mira")
 CHECKPOINT = "checkpoint.pt"
+
+
+_NDARRAY = "__ndarray__"
+
+
+def to_checkpoint(obj):
+    """``obj`` with numpy arrays as ``{"__ndarray__": tensor}`` and numpy scalars as Python
+    numbers, so that ``torch.load(weights_only=True)`` reads it back (see ``from_checkpoint``)."""
+    if isinstance(obj, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj).copy())}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_checkpoint(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_checkpoint(v) for v in obj)
+    return obj
+
+
+def from_checkpoint(obj):
+    if isinstance(obj, dict):
+        if len(obj) == 1 and _NDARRAY in obj:
+            return obj[_NDARRAY].numpy()
+        return {k: from_checkpoint(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(from_checkpoint(v) for v in obj)
+    return obj
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The engine state in ``path``, read with ``weights_only=True``; anything else (a corrupt,
+    truncated or empty file, or one holding arbitrary objects) is a one-line ``MiraError``."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # UnpicklingError (objects outside the allow-list), RuntimeError (bad zip), EOFError
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise MiraError(f"{path} is not a readable mira checkpoint (corrupt, truncated, or holding objects "
+                        f"other than tensors and plain data; refused: {type(e).__name__}: {first})",
+                        where="--resume") from None
+    if not isinstance(state, dict) or not isinstance(state.get("round"), int):
+        raise MiraError(f"{path} is not a mira checkpoint (no round counter)", where="--resume")
+    return from_checkpoint(state)
 
 
 def derive_seed(*parts: int) -> int:
@@ -151,14 +196,18 @@ class Engine:
                 "rng": {"scheme": "numpy SeedSequence([seed, round, client])", "seed": self.cfg.seed}}
 
     def load_state(self, s: dict) -> None:
-        self.round = s["round"]
-        self.strategy.load_state_dict(s["strategy"])
-        self.rows, self.rounds_log = s["rows"], s["rounds_log"]
-        self.bytes_up, self.bytes_down, self.wall = s["bytes_up"], s["bytes_down"], s["wall"]
-        self.rejected = s["rejected"]
+        try:
+            self.round = s["round"]
+            self.strategy.load_state_dict(s["strategy"])
+            self.rows, self.rounds_log = s["rows"], s["rounds_log"]
+            self.bytes_up, self.bytes_down, self.wall = s["bytes_up"], s["bytes_down"], s["wall"]
+            self.rejected = s["rejected"]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise MiraError(f"{self.out / CHECKPOINT} does not hold a {self.cfg.algorithm.name} run's state "
+                            f"({type(e).__name__}: {e})", where="--resume") from None
 
     def checkpoint(self) -> None:
-        atomic_torch_save(self.out / CHECKPOINT, self.state())
+        atomic_torch_save(self.out / CHECKPOINT, to_checkpoint(self.state()))
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     # -- one round --------------------------------------------------------------------
@@ -238,11 +287,12 @@ class Engine:
     def run(self, resume: bool = False, progress: NullProgress | None = None) -> dict:
         progress = progress or NullProgress()
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            ck = self.out / CHECKPOINT
-            if not ck.exists():
-                raise MiraError(f"no checkpoint to resume in {self.out}", where="--resume")
-            self.load_state(torch.load(ck, weights_only=False))
+        clean_temp(self.out)  # temp files of atomic writes that a kill interrupted
+        ck = self.out / CHECKPOINT
+        if resume and ck.exists():
+            self.load_state(load_checkpoint(ck))
+        elif resume and (self.out / "config.yaml").exists():
+            log.info("no checkpoint in %s (killed before round 1 ended): starting from round 0", self.out)
         else:
             atomic_write_text(self.out / "config.yaml", self.resolved_config())
         rounds = self.strategy.num_rounds(self.cfg.federation.rounds)

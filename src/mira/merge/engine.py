@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import yaml
 from torch import Tensor
 
 from mira.errors import MiraError
+from mira.io import make_temp_dir, recover_dir, replace_dir
 from mira.merge import lora
 from mira.merge.checkpoint import ADAPTER_CONFIG, MODEL_CONFIG, Checkpoint, ShardedWriter, TensorSpec, copy_side_files
 from mira.merge.recipe import MergeRecipe, load_recipe
@@ -51,7 +51,7 @@ RECIPE_COPY = "merge_recipe.yaml"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LORA_ONLY_PARAMETERS = {"space", "rank", "output"}
-_ALWAYS_ALLOWED = {"weights"}
+_ALWAYS_ALLOWED = {"weights", "int8_mask"}  # int8_mask: accepted from mergekit recipes, no effect
 
 Progress = Callable[[int, int, str], None]
 """``progress(done, total, tensor_name)``, called after each output tensor is written."""
@@ -91,11 +91,11 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike, out_dir: 
     started = time.perf_counter()
     job = _Job(load_recipe(recipe))
     out = Path(out_dir)
+    recover_dir(out)  # a swap a kill interrupted: put the old folder back before judging it
     _check_output_folder(out, job, overwrite)
     plan, stem, template = job.plan()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = make_temp_dir(out)  # beside out, umask permissions
     try:
         max_bytes = None if max_shard_mb is None or stem != "model" else int(max_shard_mb * 2**20)
         writer = ShardedWriter(tmp, [p.spec for p in plan], stem=stem, max_shard_bytes=max_bytes)
@@ -108,11 +108,7 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike, out_dir: 
         job.write_configs(tmp)
         (tmp / RECIPE_COPY).write_text(yaml.safe_dump(
             job.recipe.model_dump(mode="json", by_alias=True, exclude_unset=True), sort_keys=False))
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # old or new always exists, even after a kill mid-swap
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -147,10 +143,11 @@ class _Job:
         self.weights = recipe.weights()
         self.params = MergeParams(lam=recipe.parameters.lambda_, t=recipe.parameters.t,
                                   densities=recipe.densities(use_drop_rate="drop_rate" in self.method.parameters),
-                                  normalize=recipe.parameters.normalize,
+                                  normalize=recipe.parameters.normalize, rescale=recipe.parameters.rescale,
                                   combine=recipe.parameters.combine, seed=recipe.parameters.seed)
         self.dtype = DTYPES[recipe.dtype] if recipe.dtype else None
         self._ranks: dict[str, int] = {}  # output rank per LoRA module, set when planning an adapter
+        self._place_base_model()
         self._check_method()
         self.base = self._open_base()
         self._check_compatible()
@@ -174,9 +171,55 @@ class _Job:
                             where="models")
         self.method.validate(self.weights, self.params)
 
+    def _place_base_model(self) -> None:
+        """A full-model ``base_model`` that is also listed in ``models`` (or must be), as mergekit treats it.
+
+        slerp (``base_is_endpoint``): the base is the ``t = 0`` end, so it goes first; with only
+        the other model listed it is added. Task-vector methods: a listed base is the base only,
+        not one more (zero) task vector, so its weight does not count in ``normalize``.
+        """
+        path = self.recipe.base_model
+        if path is None or self.kind != "model":
+            return
+        target = Path(path).resolve()
+        is_base = [m.path.resolve() == target for m in self.models]
+        order = list(range(len(self.models)))
+        if self.method.base_is_endpoint:
+            if any(is_base):
+                first = is_base.index(True)
+                order = [first] + [i for i in order if i != first]
+            elif self.method.num_models is not None and len(self.models) == self.method.num_models - 1:
+                self.models.insert(0, Checkpoint.open(path, where="base_model"))
+                self.weights.insert(0, 1.0)
+                order = list(range(len(self.models)))
+                densities = self.params.densities
+                if densities is not None:
+                    self.params = dataclasses.replace(self.params, densities=(1.0, *densities))
+            else:
+                raise MiraError(f"{self.method.name} interpolates from base_model (t = 0) to the other model: "
+                                "list base_model among the models, or list only the other model",
+                                where="base_model")
+        elif self.method.uses_base and any(is_base):
+            order = [i for i in order if not is_base[i]]
+            if not order:
+                raise MiraError("models lists only base_model: there is nothing to merge", where="models")
+            logger.info("base_model is also listed in models; as in mergekit it is used as the base only")
+        else:
+            return
+        self.models = [self.models[i] for i in order]
+        self.weights = [self.weights[i] for i in order]
+        densities = self.params.densities
+        if densities is not None:
+            self.params = dataclasses.replace(self.params, densities=tuple(densities[i] for i in order))
+        if self.method.base_is_endpoint:
+            logger.info("%s: t = 0 is base_model %s, t = 1 is %s", self.method.name, self.models[0].path,
+                        ", ".join(str(m.path) for m in self.models[1:]))
+
     def _open_base(self) -> Checkpoint | None:
         """The base model, when this merge uses one."""
         path = self.recipe.base_model
+        if path is not None and self.kind == "model" and self.method.base_is_endpoint:
+            return None  # one of the models now (``_place_base_model``)
         folds_adapters = self.kind == "adapter" and self.output_kind == "model"
         needs_base = folds_adapters or (self.kind == "model" and self.method.uses_base)
         if path is None and folds_adapters:

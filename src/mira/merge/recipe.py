@@ -79,7 +79,7 @@ class MergeParameters(BaseModel):
     lambda_: float = Field(1.0, alias="lambda")
     """Scale of the merged task vector (task_arithmetic, ties, dare)."""
     t: float = Field(0.5, ge=0.0, le=1.0)
-    """slerp: 0 gives the first model, 1 the second."""
+    """slerp: 0 gives the first model (``base_model`` when set, as in mergekit), 1 the other."""
     density: float | None = None
     """Default per-model density (ties, dare)."""
     drop_rate: float | None = Field(None, ge=0.0, lt=1.0, validation_alias=AliasChoices("drop_rate", "p"))
@@ -87,7 +87,13 @@ class MergeParameters(BaseModel):
     combine: Literal["linear", "ties"] = "linear"
     """dare: combine the sparsified task vectors by task arithmetic or by TIES sign election."""
     normalize: bool | None = None
-    """Divide by the sum of the weights (default: yes for linear and ties, no otherwise)."""
+    """Divide by the sum of the weights (default, as mergekit's: yes for linear and ties, no otherwise)."""
+    rescale: Literal["l1", "inverse_density", "none"] | None = None
+    """dare, ties: rescale the kept entries to the task vector's L1 norm (``l1``, dare's default), by
+    ``1 / density`` (``inverse_density``) or not (``none``, ties' default). mergekit's ``true`` / ``false``
+    mean ``l1`` / ``none``."""
+    int8_mask: bool | None = None
+    """Accepted so that mergekit recipes load; it only changes mergekit's mask dtype and has no effect here."""
     weights: list[float] | None = None
     """Weights of the models, in order; an alternative to ``models[i].parameters.weight``."""
     seed: int = 0
@@ -103,6 +109,14 @@ class MergeParameters(BaseModel):
     @classmethod
     def _density_range(cls, value: float | None) -> float | None:
         return _check_density(value)
+
+    @field_validator("rescale", mode="before")
+    @classmethod
+    def _mergekit_rescale(cls, value: Any) -> Any:
+        """mergekit's boolean ``rescale``: true is its L1-norm rescaling, false none."""
+        if isinstance(value, bool):
+            return "l1" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _one_way_to_set_density(self) -> MergeParameters:

@@ -70,13 +70,21 @@ class MergeParams:
     lam: float = 1.0
     """lambda: scale applied to the merged task vector (task_arithmetic, ties, dare)."""
     t: float = 0.5
-    """Interpolation parameter of slerp: 0 gives the first model, 1 the second."""
+    """Interpolation parameter of slerp: 0 gives the first model, 1 the second (the engine puts a
+    recipe's ``base_model`` first, as mergekit's t = 0 is the base)."""
     densities: tuple[float, ...] | None = None
     """Fraction of each task vector's entries that is kept (ties: the largest; dare: random)."""
     normalize: bool | None = None
-    """Divide by the sum of the weights (of the agreeing models, for sign-elected merges)."""
+    """Divide by the sum of the weights (of the agreeing models, for sign-elected merges).
+
+    ``None`` is each method's default, which is mergekit's for the same method name: yes for
+    ``linear`` and ``ties``, no for ``task_arithmetic`` and ``dare`` (``dare_linear``, ``dare_ties``)."""
     combine: Literal["linear", "ties"] = "linear"
     """How dare combines the sparsified task vectors."""
+    rescale: Literal["l1", "inverse_density", "none"] | None = None
+    """How dare and ties rescale the entries they keep: ``l1`` (keep each task vector's L1 norm,
+    mergekit's ``rescale: true``), ``inverse_density`` (divide by the density) or ``none``.
+    ``None``: the method's default (dare: ``l1``, ties: ``none``, as mergekit)."""
     seed: int = 0
     """Seed of dare's random drops."""
 
@@ -95,6 +103,9 @@ class MergeMethod(ABC):
     * ``uses_base``: the method works on task vectors ``tau_i = theta_i - theta_base``;
       full-model merges must name a ``base_model``. (LoRA adapters already *are* task
       vectors, so for them ``base`` is ``None``, meaning zero.)
+    * ``base_is_endpoint``: a full-model recipe's ``base_model`` is the first input (slerp's
+      ``t = 0``): the engine moves it to the front of the models, or adds it when only the
+      other model is listed, as mergekit does.
     * ``num_models``: exact number of models required, or ``None`` for any number >= 1.
     * ``parameters``: the global recipe ``parameters`` the method reads.
     * ``model_parameters``: the per-model ``parameters`` the method reads.
@@ -102,6 +113,7 @@ class MergeMethod(ABC):
 
     name: ClassVar[str]
     uses_base: ClassVar[bool] = False
+    base_is_endpoint: ClassVar[bool] = False
     num_models: ClassVar[int | None] = None
     parameters: ClassVar[frozenset[str]] = frozenset()
     model_parameters: ClassVar[frozenset[str]] = frozenset({"weight"})

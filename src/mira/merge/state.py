@@ -13,21 +13,36 @@ from typing import Any, Mapping, Sequence
 from torch import Tensor
 
 from mira.errors import MiraError
-from mira.merge.registry import MergeParams, get_method
+from mira.merge.registry import MergeMethod, MergeParams, get_method
+
+
+PARAMS = {"lambda": "lam", "t": "t", "normalize": "normalize", "combine": "combine", "seed": "seed",
+          "rescale": "rescale"}  # + density
+
+
+def merge_params(method: str, params: Mapping[str, Any] | None, num_models: int) -> tuple[MergeMethod, MergeParams]:
+    """The method registered as ``method`` and its ``MergeParams`` from ``params`` (``density`` and the
+    keys of ``PARAMS``); raises ``MiraError`` for an unknown method or parameter."""
+    params = dict(params or {})
+    m = get_method(method)
+    density = params.pop("density", None)
+    if isinstance(params.get("rescale"), bool):  # mergekit's spelling: true is its L1-norm rescaling
+        params["rescale"] = "l1" if params["rescale"] else "none"
+    unknown = set(params) - set(PARAMS)
+    if unknown:
+        raise MiraError(f"unknown merge parameters {sorted(unknown)} for {method!r}", where="algorithm.merge_params")
+    try:
+        p = MergeParams(densities=tuple([float(density)] * num_models) if density is not None else None,
+                        **{PARAMS[k]: v for k, v in params.items()})
+    except (TypeError, ValueError) as e:
+        raise MiraError(f"bad merge parameter for {method!r}: {e}", where="algorithm.merge_params") from None
+    return m, p
 
 
 def merge_state_dicts(method: str, states: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
                       base: Mapping[str, Tensor] | None = None,
                       params: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
-    params = dict(params or {})
-    m = get_method(method)
-    density = params.pop("density", None)
-    known = {"lambda": "lam", "t": "t", "normalize": "normalize", "combine": "combine", "seed": "seed"}
-    unknown = set(params) - set(known)
-    if unknown:
-        raise MiraError(f"unknown merge parameters {sorted(unknown)} for {method!r}", where="algorithm.merge_params")
-    p = MergeParams(densities=tuple([float(density)] * len(states)) if density is not None else None,
-                    **{known[k]: v for k, v in params.items()})
+    m, p = merge_params(method, params, len(states))
     m.validate(list(weights), p)
     if m.uses_base and base is None:
         raise MiraError(f"merge method {method!r} needs a base", where="algorithm.merge")

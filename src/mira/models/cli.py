@@ -5,7 +5,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-models_app = typer.Typer(add_completion=False, no_args_is_help=True,
+models_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                          help="Named base models (use an alias as model.path).")
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from mira.errors import MiraError
 
 console = Console()
-proxy_app = typer.Typer(add_completion=False, no_args_is_help=True,
+proxy_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                         help="Prada: adapt a black-box LLM with a private on-device proxy.")
 
 

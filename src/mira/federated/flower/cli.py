@@ -27,7 +27,7 @@ from rich.table import Table
 from mira.errors import MiraError
 
 console = Console()
-flower_app = typer.Typer(no_args_is_help=True, add_completion=False,
+flower_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                          help="Federations across machines on Flower: SuperLink, SuperNodes, runs, TLS and node auth.")
 
 

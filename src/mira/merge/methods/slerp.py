@@ -4,7 +4,9 @@ With ``a``, ``b`` the two tensors flattened and ``Omega`` the angle between them
 
     slerp(t; a, b) = sin((1 - t) Omega) / sin(Omega) * a + sin(t Omega) / sin(Omega) * b
 
-so ``t = 0`` gives the first model and ``t = 1`` the second. When the tensors are (anti-)
+so ``t = 0`` gives the first model and ``t = 1`` the second. As in mergekit, a full-model
+recipe's ``base_model`` is the ``t = 0`` end: the engine puts it first whatever its place in
+``models``, or adds it when ``models`` lists only the other model. When the tensors are (anti-)
 parallel (``|cos Omega| > 0.9995``) or one is zero, the formula is ill-conditioned and the
 merge falls back to the linear interpolation ``(1 - t) a + t b``, as mergekit does.
 """
@@ -45,6 +47,7 @@ class SlerpMerge(MergeMethod):
     """Spherical interpolation between two models with parameter ``t``; weights are not used."""
 
     name = "slerp"
+    base_is_endpoint = True
     num_models = 2
     parameters = frozenset({"t"})
     model_parameters = frozenset()
