@@ -56,6 +56,9 @@ class PartitionConfig(_Strict):
     alpha: float = Field(0.5, gt=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     test_size: Optional[int] = Field(None, gt=0)
+    # a validation split carved from each client's *training* data (0: none); for model selection
+    # (``mira tune``), never the test split
+    val_fraction: float = Field(0.0, ge=0, lt=1)
 
 
 class FederationConfig(_Strict):

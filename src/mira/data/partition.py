@@ -1,5 +1,10 @@
 """Split records into federated clients, each with its own train/test split (seeded).
 
+With ``partition.val_fraction > 0`` each client's *training* examples are split once more:
+``round(val_fraction * n_train)`` of them (at least 1) become its validation split, drawn
+with a generator of their own (``SeedSequence([seed, 1, client])``), so the test split is
+the same with or without a validation split, and train, validation and test are disjoint.
+
 Partitioners are classes registered by name in ``PARTITIONERS``:
 ``by_task`` (each client holds one task, ``clients_per_task`` clients per task: MIRA's
 setting), ``dirichlet`` (task mixture per client drawn from Dir(alpha): FedIT's setting)
@@ -8,7 +13,7 @@ and ``iid``.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -23,6 +28,7 @@ class ClientData:
     task: str
     train: list[Record]
     test: list[Record]
+    val: list[Record] = field(default_factory=list)  # carved from the training data (partition.val_fraction)
 
 
 PARTITIONERS: dict[str, type["Partitioner"]] = {}
@@ -110,5 +116,17 @@ def partition(records: list[Record], cfg, seed: int, min_train: int = 1) -> list
                 f"client {cid} (task {task!r}) has {len(train)} training and {len(test)} test examples; "
                 f"need at least {min_train} and 1 (add data, lower partition.num_clients or federation.batch_size)",
                 where="partition")
-        clients.append(ClientData(cid, task, train, test))
+        val: list[Record] = []
+        frac = getattr(cfg, "val_fraction", 0.0) or 0.0
+        if frac > 0:
+            n_val = max(1, int(round(len(train) * frac)))
+            if len(train) - n_val < min_train:
+                raise MiraError(f"client {cid} (task {task!r}) has {len(train)} training examples, too few to carve a "
+                                f"validation split of {n_val} and keep {min_train} for training",
+                                where="partition.val_fraction")
+            pick = set(np.random.default_rng(np.random.SeedSequence([seed, 1, cid])).permutation(len(train))[:n_val]
+                       .tolist())
+            val = [r for i, r in enumerate(train) if i in pick]
+            train = [r for i, r in enumerate(train) if i not in pick]
+        clients.append(ClientData(cid, task, train, test, val))
     return clients

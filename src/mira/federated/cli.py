@@ -1,4 +1,4 @@
-"""``mira run``, ``mira compare`` and ``mira demo``.
+"""``mira run``, ``mira compare``, ``mira tune`` and ``mira demo``.
 
 Output folders. A run or a comparison never mixes its files with another's and never
 damages an earlier result:
@@ -169,12 +169,30 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (def
         console.print(f"run directory: {out}")
 
 
+def _seed_list(seeds: str) -> list[int]:
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise MiraError(f"seeds must be integers, got {seeds!r}", where="--seeds") from None
+    if not seed_list:
+        raise MiraError("no seed given", where="--seeds")
+    if len(set(seed_list)) != len(seed_list):
+        raise MiraError(f"a seed appears twice in {seeds!r}", where="--seeds")
+    return seed_list
+
+
 def compare_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (default: the embedded demo config)"),
-                algorithms: str = typer.Option(ALL_ALGORITHMS, "--algorithms", "-a",
-                                               help="comma-separated; options after a colon, e.g. mira:graph=similarity"),
+                algorithms: Optional[str] = typer.Option(
+                    None, "--algorithms", "-a",
+                    help=f"comma-separated; options after a colon, e.g. mira:graph=similarity (default {ALL_ALGORITHMS})"),
                 out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="must be new or empty"),
-                seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
+                seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds, e.g. 0,1,2 (default 0)"),
                 set_: List[str] = typer.Option([], "--set"),
+                baseline: Optional[str] = typer.Option(
+                    None, "--baseline", help="paired differences and per-client wins vs this algorithm "
+                                             "(default: fedit when compared)"),
+                resume: Optional[Path] = typer.Option(
+                    None, "--resume", help="continue the interrupted comparison in this folder (finished runs are kept)"),
                 overwrite: bool = typer.Option(False, "--overwrite",
                                                help="replace a non-empty --out, once the comparison has finished"),
                 quiet: bool = typer.Option(False, "--quiet", "-q")):
@@ -183,33 +201,61 @@ def compare_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config 
     from mira.report.progress import make_progress
 
     _setup(quiet)
+    if resume is not None:
+        given = [flag for flag, v in (("CONFIG", config), ("--algorithms", algorithms), ("--seeds", seeds),
+                                      ("--set", set_), ("--baseline", baseline), ("--overwrite", overwrite)) if v]
+        if given:
+            raise MiraError(f"--resume continues the comparison as it was started (its {resume}/comparison.json); "
+                            f"it takes no {', '.join(given)}", where="--resume")
+        with make_progress(quiet) as progress:
+            result = _resume_compare(resume, progress)
+        _print_comparison(result, resume, quiet)
+        return
     cfg, _ = load_config(config, set_)
-    specs = _split_specs(algorithms)
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise MiraError(f"seeds must be integers, got {seeds!r}", where="--seeds") from None
-    if not seed_list:
-        raise MiraError("no seed given", where="--seeds")
+    specs = _split_specs(algorithms or ALL_ALGORITHMS)
+    seed_list = _seed_list(seeds or "0")
     with make_progress(quiet) as progress:
-        result = _compare_into(cfg, specs, out, seed_list, overwrite, progress)
+        result = _compare_into(cfg, specs, out, seed_list, overwrite, progress, baseline=baseline)
     _print_comparison(result, out, quiet)
 
 
-def _compare_into(cfg, specs: list[str], out: Path, seeds: list[int], overwrite: bool, progress) -> dict:
+def _resume_compare(folder: Path, progress) -> dict:
+    """Continue the comparison in ``folder`` from its ``comparison.json`` (config, specs, seeds, baseline)."""
+    import json
+
+    from mira.config import validate
+    from mira.federated.compare import STATE, compare
+
+    path = folder / STATE
+    if not path.exists():
+        raise MiraError(f"{folder} holds no comparison ({STATE} not found)", where="--resume")
+    try:
+        state = json.loads(path.read_text())
+        cfg = validate(state["config"], str(path))
+        specs, seeds = list(state["specs"]), [int(s) for s in state["seeds"]]
+        vary_data, baseline = bool(state.get("vary_data", True)), state.get("baseline")
+    except (KeyError, TypeError, ValueError) as e:
+        raise MiraError(f"{path} is not a resumable comparison (written by an older mira, or damaged: "
+                        f"{type(e).__name__}: {e})", where="--resume") from None
+    return compare(cfg, specs, folder, seeds, progress, progress.log, vary_data=vary_data, baseline=baseline,
+                   resume=True)
+
+
+def _compare_into(cfg, specs: list[str], out: Path, seeds: list[int], overwrite: bool, progress,
+                  baseline: str | None = None) -> dict:
     """``compare`` into ``out``: refused when not empty, unless ``overwrite``; then built beside it and
-    swapped in at the end (a comparison has no resume: a failed replacement is removed, the old one
-    stays). Into a new or empty ``out`` it writes directly, and a failure keeps the run folders of
-    the algorithms that finished."""
+    swapped in at the end (a failed replacement is removed, the old one stays). Into a new or empty
+    ``out`` it writes directly, and a failure keeps the run folders of the algorithms that finished
+    and the partial ``comparison.json``: ``mira compare --resume OUT`` continues it."""
     from mira.federated.compare import check_specs, compare
     from mira.io import make_temp_dir, replace_dir
 
-    check_specs(cfg, specs, seeds)  # every algorithm and option, before anything is written
+    check_specs(cfg, specs, seeds, baseline=baseline)  # every algorithm, option and setup, before anything is written
     if not check_out(out, overwrite):
-        return compare(cfg, specs, out, seeds, progress, progress.log)
+        return compare(cfg, specs, out, seeds, progress, progress.log, baseline=baseline, checked=True)
     build = make_temp_dir(out)
     try:
-        result = compare(cfg, specs, build, seeds, progress, progress.log)
+        result = compare(cfg, specs, build, seeds, progress, progress.log, baseline=baseline, checked=True)
         replace_dir(build, out)
     finally:
         if build.exists():
@@ -237,7 +283,62 @@ def _print_comparison(result: dict, out: Path, quiet: bool) -> None:
     rows = [(label, _fmt(e, "mean_local_test_loss"), _fmt(e, "mean_global_test_loss"), f"{int(e['bytes_up']):,}",
              f"{int(e['bytes_down']):,}") for label, e in result["algorithms"].items()]
     console.print(_summary_table("comparison", rows))
+    paired = result.get("paired") or {}
+    for label, e in (paired.get("algorithms") or {}).items():
+        c = e["clients"]
+        console.print(f"{label} − {paired['baseline']}: local {e['local']['mean']:+.4f} ± {e['local']['ci95']:.4f}, "
+                      f"global {e['global']['mean']:+.4f} ± {e['global']['ci95']:.4f}; clients better/tied/worse "
+                      f"{c['wins']}/{c['ties']}/{c['losses']}", highlight=False)
     console.print(f"written: {out}/comparison.json, comparison.md, comparison.png, loss_curves.png")
+
+
+def tune_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (default: the embedded demo config)"),
+             algorithm: str = typer.Option("mira", "--algorithm", "-a",
+                                           help="the algorithm to tune, options after a colon (mira:graph=similarity)"),
+             grid: List[str] = typer.Option([], "--grid", help="KEY=LIST (a YAML list), e.g. 'algorithm.lambda=[0.5,2,8]'; "
+                                                               "repeat for a Cartesian grid"),
+             seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
+             set_: List[str] = typer.Option([], "--set"),
+             out: Path = typer.Option(Path("runs/tune"), "--out", "-o", help="must be new or empty"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out, once finished"),
+             quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Grid-search hyper-parameters on a validation split (never the test split); write tune.{json,md}."""
+    from mira.config import load_config
+    from mira.federated.tune import tune
+    from mira.io import make_temp_dir, replace_dir
+    from mira.report.progress import make_progress
+
+    _setup(quiet)
+    cfg, _ = load_config(config, set_)
+    seed_list = _seed_list(seeds)
+    replacing = check_out(out, overwrite)
+    target = out
+    if replacing:
+        out = make_temp_dir(target)
+    try:
+        with make_progress(quiet) as progress:
+            result = tune(cfg, algorithm, grid, seed_list, out, progress, progress.log)
+        if replacing:
+            replace_dir(out, target)
+    except BaseException:  # (every point is validated before anything is written)
+        if replacing:
+            shutil.rmtree(out, ignore_errors=True)  # the old --out stays as it was
+        raise
+    best = result["best"]
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    if not quiet:
+        t = Table(title=f"tune {result['algorithm']} (selected on validation loss)")
+        for col in ("point", *result["grid"], "mean val loss", "mean local test loss (not used)"):
+            t.add_column(col, justify="right")
+        for p in result["points"]:
+            tests = list(p["test_not_used_for_selection"].values())
+            t.add_row(str(p["index"]) + (" *" if best and p["index"] == best["index"] else ""),
+                      *[str(p["params"][k]) for k in result["grid"]], f"{p['mean_val_loss']:.4f}",
+                      f"{sum(x['mean_local_test_loss'] for x in tests) / len(tests):.4f}")
+        console.print(t)
+        console.print(f"written: {target}/tune.json, tune.md")
+    console.print(f"chosen (lowest mean validation loss): {best['command_line']}", highlight=False, markup=False)
 
 
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
@@ -261,4 +362,5 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
 def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
     app.command("compare")(compare_cmd)
+    app.command("tune")(tune_cmd)
     app.command("demo")(demo_cmd)

@@ -8,8 +8,16 @@ the one frozen base model with its LoRA slot, and the tokenised splits.
 2. for each, serialise what the strategy sends (``WireCodec``), train locally
    (``client_fit``), serialise the upload; updates with NaN/Inf are rejected and logged;
 3. ``strategy.aggregate_fit``;
-4. evaluate every ``eval.every`` rounds and at the end;
+4. evaluate every ``eval.every`` rounds and at the end: each client's adapter on its own
+   test split (``local_loss``), on the union of all test splits (``global_loss``) and, with
+   ``partition.val_fraction > 0``, on its own validation split (``val_loss``, carved from its
+   training data: what model selection such as ``mira tune`` may look at; test losses never);
 5. checkpoint the server state atomically.
+
+Each round's entry in ``rounds.json`` also holds every client's mean training (task) loss
+(``train_loss``; FedProx's proximal term apart, ``prox_term``) and, for strategies with a task
+graph, when the clients have several tasks and some share one, ``graph_auc``: the ROC AUC with
+which the graph's weights ``a_kl`` separate same-task pairs from different-task pairs.
 
 Randomness is derived from ``(seed, round, client)``, so a resumed run retraces the
 uninterrupted one exactly. The checkpoint holds only tensors and plain data (numpy arrays
@@ -114,6 +122,7 @@ class Workspace:
     test: list[TokenizedDataset]
     global_test: TokenizedDataset
     data_report: list[dict] = field(default_factory=list)  # empty on a Flower server: the nodes hold the data
+    val: list[TokenizedDataset] = field(default_factory=list)  # per client; empty without partition.val_fraction
 
     @classmethod
     def load(cls, cfg: RunConfig, log_fn: Callable[[str], None] = lambda s: None) -> "Workspace":
@@ -127,11 +136,13 @@ class Workspace:
         lora = lora_settings_to_peft(base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
         slot = AdapterSlot.attach(base, lora, seed=cfg.seed)
         train, test, report = tokenize_clients(clients, tokenizer, cfg.data)
+        val = tokenize_val(clients, tokenizer, cfg.data)
         for line in log_lines(report):
             log_fn(line)
         log_fn(f"{len(records)} records, {len(clients)} clients, "
-               f"{sum(len(t) for t in train)} train / {sum(len(t) for t in test)} test examples")
-        return cls(cfg, slot.model, tokenizer, slot, clients, train, test, TokenizedDataset.concat(test), report)
+               f"{sum(len(t) for t in train)} train / {sum(len(t) for t in test)} test examples"
+               + (f" / {sum(len(v) for v in val)} validation examples (from the training data)" if val else ""))
+        return cls(cfg, slot.model, tokenizer, slot, clients, train, test, TokenizedDataset.concat(test), report, val)
 
     @property
     def template_name(self) -> str:
@@ -154,6 +165,29 @@ def tokenize_clients(clients: list[ClientData], tokenizer, data_cfg):
     return train, test, client_reports(clients, train, test)
 
 
+def tokenize_val(clients: list[ClientData], tokenizer, data_cfg) -> list[TokenizedDataset]:
+    """Each client's validation split (empty list when no client has one)."""
+    if not any(c.val for c in clients):
+        return []
+    tok = tokenizer_from_config(data_cfg, tokenizer)
+    val = [tok(c.val) for c in clients]
+    for c, v in zip(clients, val):
+        if not len(v):
+            raise MiraError(f"client {c.id} (task {c.task!r}) has no validation example left after the length "
+                            f"policy; raise data.max_length or partition.val_fraction", where="partition.val_fraction")
+    return val
+
+
+def strategy_context(cfg: RunConfig, n_train: list[int], keys: list[str] | None = None) -> StrategyContext:
+    """What the strategy may know, from the clients' training-set sizes (the engine's and the
+    up-front checks' one definition, see ``mira.federated.compare.preflight``)."""
+    settings = train_settings(cfg)
+    steps = [settings.num_steps(n) for n in n_train]
+    return StrategyContext(num_clients=len(n_train), n_train=list(n_train), lr=cfg.federation.lr,
+                           local_steps=int(round(float(np.mean(steps)))) if steps else 1, seed=cfg.seed,
+                           keys=list(keys or []), rounds=cfg.federation.rounds)
+
+
 class Engine:
     def __init__(self, ws: Workspace, cfg: RunConfig, out_dir: str | Path, quiet: bool = False):
         self.ws, self.cfg, self.out = ws, cfg, Path(out_dir)
@@ -162,10 +196,7 @@ class Engine:
         cls = get_strategy(cfg.algorithm.name)
         self.params = cls.parse_params(cfg.algorithm.params())
         self.trainer = LocalTrainer(ws.slot, ws.tokenizer.pad_token_id, train_settings(cfg))
-        steps = [self.trainer.settings.num_steps(len(d)) for d in ws.train]
-        ctx = StrategyContext(num_clients=self.k, n_train=[len(d) for d in ws.train], lr=cfg.federation.lr,
-                              local_steps=int(round(float(np.mean(steps)))), seed=cfg.seed, keys=ws.slot.keys(),
-                              rounds=cfg.federation.rounds)
+        ctx = strategy_context(cfg, [len(d) for d in ws.train], ws.slot.keys())
         self.strategy: Strategy = cls(self.params, ctx, ws.slot.initial_state)
         self.codec = WireCodec(ws.slot.initial_state, cfg.federation.wire_dtype)
         self.per_round = max(1, int(round(cfg.federation.fraction * self.k)))
@@ -213,7 +244,8 @@ class Engine:
     # -- one round --------------------------------------------------------------------
     def sample(self, rnd: int) -> list[int]:
         rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, 1_000_003))
-        return sorted(rng.choice(self.k, size=self.per_round, replace=False).tolist())
+        sampled = sorted(rng.choice(self.k, size=self.per_round, replace=False).tolist())
+        return sorted(self.strategy.select_clients(rnd, sampled))  # e.g. fedit_ft's last round: every client
 
     def _transfer(self, state, keys) -> tuple[dict, int]:
         buf = self.codec.encode(state, keys)
@@ -225,12 +257,20 @@ class Engine:
         keys = self.strategy.wire_keys()
         results: dict[int, FitRes] = {}
         step_time, tokens, n_steps, rejected = 0.0, 0, 0, []
+        train_loss: dict[str, float] = {}
+        prox_term: dict[str, float] = {}
         if self.strategy.pooled:
             steps = sum(self.trainer.settings.num_steps(len(self.ws.train[c])) for c in sampled)
             ins = self.strategy.configure_fit(0)
             adapter, res = client_fit(self.ws.slot, self.trainer, self.pooled, ins, derive_seed(self.cfg.seed, rnd, 0), steps)
-            results[0] = FitRes(adapter, len(self.pooled))
             step_time, tokens, n_steps = res.step_time_s, res.tokens, res.steps
+            if not all_finite(adapter):  # as for a client's update: rejected, the previous adapter is kept
+                log.warning("round %d: the pooled update has NaN/Inf values; update rejected", rnd)
+                rejected.append("pooled")
+                self.rejected.append({"round": rnd, "client": "pooled"})
+            else:
+                results[0] = FitRes(adapter, len(self.pooled), {"train_loss": res.loss})
+                train_loss["pooled"] = res.loss
             progress.client_done()
         else:
             for cid in sampled:
@@ -252,12 +292,19 @@ class Engine:
                     rejected.append(cid)
                     self.rejected.append({"round": rnd, "client": cid})
                 else:
-                    results[cid] = FitRes(adapter, len(self.ws.train[cid]), {"train_loss": res.loss})
+                    metrics = {"train_loss": res.loss}
+                    if ins.prox_mu > 0:
+                        metrics["prox_term"] = res.prox_term
+                        prox_term[str(cid)] = res.prox_term
+                    results[cid] = FitRes(adapter, len(self.ws.train[cid]), metrics)
+                    train_loss[str(cid)] = res.loss
                 progress.client_done()
-        info = self.strategy.aggregate_fit(rnd, results)
+        # a pooled update that was rejected leaves the strategy as it was (nothing to aggregate)
+        info = self.strategy.aggregate_fit(rnd, results) if results or not self.strategy.pooled else {}
         round_time = time.perf_counter() - t0
         entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": round_time,
-                 "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps, **info}
+                 "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps,
+                 "train_loss": train_loss, **({"prox_term": prox_term} if prox_term else {}), **info}
         graphs = getattr(self.strategy, "graphs", None)
         if graphs:
             atomic_save_npy(self.out / "graphs" / f"round_{rnd:04d}.npy", graphs[-1])
@@ -271,17 +318,35 @@ class Engine:
         for c in ws.clients:
             adapter = self.strategy.adapter_for(c.id)
             ws.slot.set(adapter)
-            local, _ = eval_loss(ws.model, ws.test[c.id], pad, ev.batch_size)
+            local, _ = self.test_loss(ws.test[c.id])
             if id(adapter) not in global_cache:
-                global_cache[id(adapter)] = eval_loss(ws.model, ws.global_test, pad, ev.batch_size)[0]
+                global_cache[id(adapter)] = self.test_loss(ws.global_test)[0]
             row = {"round": rnd, "client": c.id, "task": c.task, "local_loss": local,
                    "global_loss": global_cache[id(adapter)], "n_train": len(ws.train[c.id]), "n_test": len(ws.test[c.id])}
+            if ws.val:  # the client's own adapter on its own validation split (selection looks only at this)
+                row["val_loss"] = eval_loss(ws.model, ws.val[c.id], pad, ev.batch_size)[0]
+                row["n_val"] = len(ws.val[c.id])
             if ev.generation:
                 preds = generate(ws.model, ws.tokenizer, ws.test[c.id], ev.max_new_tokens, ev.max_examples)
                 refs = [r.output for r in ws.test[c.id].records[: len(preds)]]
                 row.update(generation_metrics(preds, refs))
             rows.append(row)
         return rows
+
+    def test_loss(self, ds: TokenizedDataset) -> tuple[float, int]:
+        """Loss of the adapter in the slot on a *test* split (one place, so that a test can check
+        that nothing selected on validation depends on it)."""
+        return eval_loss(self.ws.model, ds, self.ws.tokenizer.pad_token_id, self.cfg.eval.batch_size)
+
+    def graph_auc(self) -> float | None:
+        """ROC AUC of the last graph's ``a_kl`` for same-task vs different-task client pairs (None
+        without a graph, or when no two clients share a task or all share one)."""
+        graphs = getattr(self.strategy, "graphs", None)
+        if not graphs:
+            return None
+        from mira.federated.graph import task_auc
+
+        return task_auc(graphs[-1], [c.task for c in self.ws.clients])
 
     # -- the run ------------------------------------------------------------------------
     def run(self, resume: bool = False, progress: NullProgress | None = None) -> dict:
@@ -302,6 +367,9 @@ class Engine:
             t0 = time.perf_counter()
             progress.start_clients(1 if self.strategy.pooled else self.per_round)
             entry = self.run_round(rnd, progress)
+            auc = self.graph_auc()
+            if auc is not None:
+                entry["graph_auc"] = auc
             if rnd % every == 0 or rnd == rounds:  # noqa: SIM102
                 te = time.perf_counter()
                 self.rows += self.evaluate(rnd)
@@ -328,7 +396,7 @@ class Engine:
             "seed": self.cfg.seed,
             "clients": [{"id": r["client"], "task": r["task"], "n_train": r["n_train"], "n_test": r["n_test"],
                          "local_test_loss": r["local_loss"], "global_test_loss": r["global_loss"],
-                         **{k: r[k] for k in ("rouge_l", "exact_match") if k in r}} for r in last],
+                         **{k: r[k] for k in ("n_val", "val_loss", "rouge_l", "exact_match") if k in r}} for r in last],
             "mean_local_test_loss": float(np.mean([r["local_loss"] for r in last])),
             "mean_global_test_loss": float(np.mean([r["global_loss"] for r in last])),
             "bytes_up": self.bytes_up,
@@ -344,13 +412,20 @@ class Engine:
             "data": {"template": ws.template_name, "overflow": self.cfg.data.overflow,
                      "max_length": self.cfg.data.max_length, **totals(ws.data_report), "clients": ws.data_report},
         }
-        for key in ("rouge_l", "exact_match"):
+        for key in ("val_loss", "rouge_l", "exact_match"):
             if last and key in last[0]:
                 summary[f"mean_{key}"] = float(np.mean([r[key] for r in last]))
-        atomic_write_json(self.out / "summary.json", summary)
+        aucs = [e["graph_auc"] for e in self.rounds_log if "graph_auc" in e]
+        if aucs:
+            summary["graph_auc_last"] = float(aucs[-1])
+        scaled = [e["round"] for e in self.rounds_log if e.get("step_scaled")]
+        if scaled:
+            summary["step_scaled_rounds"] = scaled
         atomic_write_json(self.out / "rounds.json", self.rounds_log)
         if self.cfg.plots:
-            from mira.report.plots import plot_run
+            from mira.report.plots import plot_graph_auc, plot_run
 
             plot_run(self.out, self.rows, self.cfg.algorithm.name)
+            plot_graph_auc(self.out, self.rounds_log, self.cfg.algorithm.name)
+        atomic_write_json(self.out / "summary.json", summary)  # last: a run is finished when this exists
         return summary

@@ -7,7 +7,20 @@
   symmetric, non-negative, finite, zero diagonal.
 * ``similarity`` (new in mira): re-estimated every round from the clients' own adapter
   updates: cosine similarity of the flattened updates, clipped at 0. A client that has
-  not trained yet has no edges.
+  not trained yet has no edges. Two options choose the estimate of client k's direction:
+
+  - ``similarity: cosine`` (default): its latest update as it is;
+    ``similarity: centered``: its latest update minus the mean update of the clients
+    trained in the *same round* (the component that every client of that round shares, such
+    as learning the prompt format or a drift of training that all follow; with partial
+    participation the stored updates come from different rounds, and raw cosine then links
+    clients sampled together rather than clients with the same task). A round with a single
+    update has nothing to center against and leaves the estimates as they were.
+  - ``similarity_average: true``: the mean of its (centered) updates over all rounds it
+    trained in, instead of the latest one (less noise; the default is ``false``).
+
+``task_auc`` measures how well a graph separates the tasks: the ROC AUC of ``a_kl`` over
+the client pairs ``k < l``, same-task pairs being the positives.
 """
 from __future__ import annotations
 
@@ -51,7 +64,7 @@ class TaskGraph:
     name: ClassVar[str]
     dynamic: ClassVar[bool] = False
 
-    def __init__(self, k: int, seed: int, file: str | None = None):
+    def __init__(self, k: int, seed: int, file: str | None = None, **options):
         self.k = k
         self.a = np.zeros((k, k))
 
@@ -63,11 +76,24 @@ class TaskGraph:
         return self.a
 
 
+def task_auc(a: np.ndarray, tasks: list[str]) -> float | None:
+    """ROC AUC with which ``a_kl`` (upper triangle) separates same-task pairs (positives) from
+    different-task pairs; None unless both kinds of pair exist."""
+    k = len(tasks)
+    iu = np.triu_indices(k, 1)
+    same = np.array([tasks[i] == tasks[j] for i, j in zip(*iu)], dtype=bool)
+    if not same.any() or same.all():
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(same, np.asarray(a, dtype=np.float64)[iu]))
+
+
 @register_graph
 class RandomGraph(TaskGraph):
     name = "random"
 
-    def __init__(self, k, seed, file=None):
+    def __init__(self, k, seed, file=None, **options):
         super().__init__(k, seed)
         u = np.random.default_rng(seed).uniform(0, 1, (k, k))
         a = (u + u.T) / 2
@@ -80,7 +106,7 @@ class RandomGraph(TaskGraph):
 class UniformGraph(TaskGraph):
     name = "uniform"
 
-    def __init__(self, k, seed, file=None):
+    def __init__(self, k, seed, file=None, **options):
         super().__init__(k, seed)
         self.a = np.ones((k, k)) - np.eye(k)
 
@@ -89,7 +115,7 @@ class UniformGraph(TaskGraph):
 class FileGraph(TaskGraph):
     name = "file"
 
-    def __init__(self, k, seed, file=None):
+    def __init__(self, k, seed, file=None, **options):
         super().__init__(k, seed)
         if not file:
             raise MiraError("graph 'file' needs algorithm.graph_file", where="algorithm.graph_file")
@@ -113,15 +139,32 @@ class SimilarityGraph(TaskGraph):
     name = "similarity"
     dynamic = True
 
-    def __init__(self, k, seed, file=None):
+    def __init__(self, k, seed, file=None, similarity: str = "cosine", similarity_average: bool = False, **options):
         super().__init__(k, seed)
-        self.last_update: dict[int, torch.Tensor] = {}
+        if similarity not in ("cosine", "centered"):
+            raise MiraError(f"unknown similarity {similarity!r}; choose cosine or centered", where="algorithm.similarity")
+        self.centered, self.average = similarity == "centered", bool(similarity_average)
+        self.last_update: dict[int, torch.Tensor] = {}  # the estimate of each client's direction
+        self.sums: dict[int, torch.Tensor] = {}  # with similarity_average: sum of the estimates and their count
+        self.counts: dict[int, int] = {}
 
     def max_degree_bound(self) -> float:
-        return float(max(self.k - 1, 0))  # cosine <= 1
+        return float(max(self.k - 1, 0))  # cosine <= 1 (MIRA checks each round's graph instead, see Mira)
 
     def update(self, updates: dict[int, torch.Tensor]) -> np.ndarray:
-        self.last_update.update(updates)
+        if self.centered:
+            if len(updates) < 2:
+                updates = {}  # nothing to center against: the estimates stay as they were
+            else:
+                mean = torch.stack([u.double() for u in updates.values()]).mean(dim=0)
+                updates = {cid: u.double() - mean for cid, u in updates.items()}
+        for cid, u in updates.items():
+            if self.average:
+                self.sums[cid] = self.sums[cid] + u.double() if cid in self.sums else u.double().clone()
+                self.counts[cid] = self.counts.get(cid, 0) + 1
+                self.last_update[cid] = self.sums[cid] / self.counts[cid]
+            else:
+                self.last_update[cid] = u
         ids = sorted(self.last_update)
         if len(ids) >= 2:
             m = torch.stack([self.last_update[i] for i in ids]).double()
@@ -134,13 +177,14 @@ class SimilarityGraph(TaskGraph):
         return self.a
 
     def state_dict(self) -> dict:
-        return {"last_update": self.last_update, "a": self.a}
+        return {"last_update": self.last_update, "a": self.a, "sums": self.sums, "counts": self.counts}
 
     def load_state_dict(self, s: dict) -> None:
         self.last_update, self.a = s["last_update"], s["a"]
+        self.sums, self.counts = s.get("sums", {}), s.get("counts", {})
 
 
-def build_graph(name: str, k: int, seed: int, file: str | None = None) -> TaskGraph:
+def build_graph(name: str, k: int, seed: int, file: str | None = None, **options) -> TaskGraph:
     if name not in GRAPHS:
         raise MiraError(f"unknown graph {name!r}; choose one of {sorted(GRAPHS)}", where="algorithm.graph")
-    return GRAPHS[name](k, seed, file)
+    return GRAPHS[name](k, seed, file, **options)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -52,42 +53,94 @@ def plot_run(out: Path, rows: list[dict], name: str) -> None:
     _save(fig, Path(out) / "plots" / "client_losses.png")
 
 
+def _colors(n: int):
+    """``n`` distinguishable colours (tab10, then tab20 for more than ten)."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+_STYLES = ["-", "--", "-.", ":"]
+
+
 def plot_compare(out: Path, results: dict[str, dict]) -> None:
-    """``results[algo] = {"summary": ..., "rows": [...]}`` (one seed) or with mean/std (several)."""
+    """``results[algo] = {"summary": ..., "rows": [...]}`` (one seed) or with mean/std (several).
+
+    Horizontal bars with the algorithm names on the y axis, so that labels never overlap however
+    many algorithms there are; the legends sit outside the axes."""
     out = Path(out)
     algos = list(results)
     local = [results[a]["summary"]["mean_local_test_loss"] for a in algos]
     glob = [results[a]["summary"]["mean_global_test_loss"] for a in algos]
-    x = np.arange(len(algos))
-    fig, ax = plt.subplots(figsize=(max(6, len(algos) * 1.1), 4))
-    ax.bar(x - 0.2, local, 0.4, label="mean local test loss")
-    ax.bar(x + 0.2, glob, 0.4, label="mean global test loss")
-    ax.set_xticks(x, algos)
-    lo = min(local + glob)
-    ax.set_ylim(max(0, lo - 0.15 * (max(local + glob) - lo + 1e-9) - 0.05), None)
-    ax.set(ylabel="loss", title="algorithms compared")
-    ax.legend()
-    _save(fig, out / "comparison.png")
+    _save(comparison_figure(algos, local, glob), out / "comparison.png")
+    _compare_details(out, results, algos)
 
+
+def comparison_figure(algos: list[str], local: list[float], glob: list[float]):
+    """The figure of ``comparison.png`` (separate, so a test can check that its labels do not overlap)."""
+    y = np.arange(len(algos))
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.55 * len(algos) + 1.4)))
+    ax.barh(y - 0.2, local, 0.4, label="mean local test loss")
+    ax.barh(y + 0.2, glob, 0.4, label="mean global test loss")
+    ax.set_yticks(y, algos, fontsize=8)
+    ax.invert_yaxis()  # the first algorithm on top, as in comparison.md
+    lo, hi = min(local + glob), max(local + glob)
+    ax.set_xlim(max(0, lo - 0.15 * (hi - lo + 1e-9) - 0.05), hi + 0.12 * (hi - lo + 1e-9) + 0.02)
+    for yy, (lv, gv) in enumerate(zip(local, glob)):
+        ax.text(lv, yy - 0.2, f" {lv:.3f}", va="center", fontsize=7)
+        ax.text(gv, yy + 0.2, f" {gv:.3f}", va="center", fontsize=7)
+    ax.set_xlabel("loss (lower is better)")
+    ax.set_title("algorithms compared", pad=24)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _compare_details(out: Path, results: dict[str, dict], algos: list[str]) -> None:
+    colors = _colors(len(algos))
     first = results[algos[0]]["summary"]["clients"]
     xc = np.arange(len(first))
     w = 0.8 / len(algos)
-    fig, ax = plt.subplots(figsize=(max(7, len(first) * 1.0), 4))
+    fig, ax = plt.subplots(figsize=(max(7, len(first) * 1.1) + 2.5, 4.5))
     for i, a in enumerate(algos):
-        ax.bar(xc - 0.4 + w * (i + 0.5), [c["local_test_loss"] for c in results[a]["summary"]["clients"]], w, label=a)
-    ax.set_xticks(xc, [f"{c['id']}\n{c['task'][:14]}" for c in first], fontsize=7)
+        ax.bar(xc - 0.4 + w * (i + 0.5), [c["local_test_loss"] for c in results[a]["summary"]["clients"]], w, label=a,
+               color=colors[i])
+    ax.set_xticks(xc, [f"{c['id']}: {c['task'][:16]}" for c in first], fontsize=7, rotation=30, ha="right")
+    vals = [c["local_test_loss"] for a in algos for c in results[a]["summary"]["clients"]]
+    lo, hi = min(vals), max(vals)
+    ax.set_ylim(max(0, lo - 0.15 * (hi - lo + 1e-9) - 0.05), None)
     ax.set(ylabel="local test loss", title="per-client local test loss")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, out / "client_local_loss.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for a in algos:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for i, a in enumerate(algos):
         rounds, l, g = _curves(results[a]["rows"])
-        axes[0].plot(rounds, l, marker=".", label=a)
-        axes[1].plot(rounds, g, marker=".", label=a)
+        style = dict(color=colors[i], linestyle=_STYLES[(i // 10) % len(_STYLES)], marker=".", label=a)
+        axes[0].plot(rounds, l, **style)
+        axes[1].plot(rounds, g, **style)
     axes[0].set(xlabel="round", ylabel="mean local test loss", title="local loss")
     axes[1].set(xlabel="round", ylabel="mean global test loss", title="global loss")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     _save(fig, out / "loss_curves.png")
+
+
+def plot_graph_auc(out: Path, rounds_log: list[dict], name: str) -> None:
+    """``plots/graph_auc.png``: per round, how well the task graph separates same-task pairs."""
+    pts = [(e["round"], e["graph_auc"]) for e in rounds_log if "graph_auc" in e]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", label="graph AUC (same vs different task)")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+    scaled = [e["round"] for e in rounds_log if e.get("step_scaled")]
+    if scaled:
+        ax.plot(scaled, [dict(pts).get(r, np.nan) for r in scaled], "x", color="red", label="step scaled down")
+    ax.set(xlabel="round", ylabel="ROC AUC", ylim=(0, 1.02), title=f"{name}: learned task graph")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, Path(out) / "plots" / "graph_auc.png")

@@ -11,7 +11,11 @@ the backward pass (non-reentrant ``torch.utils.checkpoint``): the same loss and 
 less activation memory, about a third more compute.
 
 Batches are drawn from a seeded generator: the same seed gives the same batches, the
-same dropout masks and so the same adapter, which is what makes resume exact.
+same dropout masks and so the same adapter, which is what makes resume exact. No batch
+holds an example twice (see ``batch_indices``).
+
+``TrainResult.loss`` is the mean *task* loss over the steps (the language-model loss on
+the response tokens); FedProx's proximal term is reported apart, as ``prox_term``.
 """
 from __future__ import annotations
 
@@ -46,21 +50,38 @@ class TrainSettings:
 class TrainResult:
     steps: int
     tokens: int
-    loss: float
+    loss: float  # mean task loss per step (without FedProx's proximal term)
     step_time_s: float  # forward + backward + optimiser time only
+    prox_term: float = 0.0  # mean of mu/2 ||theta - theta_anchor||^2 per step (0 without FedProx)
 
 
 def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` batches of size ``min(batch_size, n)`` from successive seeded permutations."""
+    """``steps`` batches of size ``min(batch_size, n)`` from successive seeded permutations.
+
+    The examples are taken in the order of a queue fed with one permutation of ``range(n)``
+    after another. When a batch straddles two permutations, an example the batch already
+    holds (from the end of the previous permutation) is not taken twice: it stays at the
+    head of the queue and goes into the next batch. So no batch repeats an example, every
+    example is still used once per permutation, and batches that never straddled a repeat
+    are the same as a plain split of the permutations (same seed, same batches)."""
     rng = np.random.default_rng(seed)
     bs = min(batch_size, n)
     out: list[list[int]] = []
-    order: list[int] = []
+    queue: list[int] = []
     while len(out) < steps:
-        if len(order) < bs:
-            order += rng.permutation(n).tolist()
-        out.append(order[:bs])
-        order = order[bs:]
+        if len(queue) < bs:
+            queue += rng.permutation(n).tolist()
+        batch, seen, deferred, i = [], set(), [], 0
+        while len(batch) < bs:  # the queue holds a whole permutation, so bs distinct examples are there
+            x = queue[i]
+            i += 1
+            if x in seen:
+                deferred.append(x)
+            else:
+                seen.add(x)
+                batch.append(x)
+        out.append(batch)
+        queue = deferred + queue[i:]
     return out
 
 
@@ -115,19 +136,23 @@ class LocalTrainer:
         set_gradient_checkpointing(model, s.gradient_checkpointing)
         model.train()
         torch.manual_seed(seed)  # dropout masks
-        total_loss, tokens = 0.0, 0
+        total_loss, total_prox, tokens = 0.0, 0.0, 0
         t0 = time.perf_counter()
         for batch in batches:
-            loss = model(**batch).loss
+            task_loss = model(**batch).loss
+            loss = task_loss
             if anchor_t is not None:
-                loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor_t))
+                prox = prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor_t))
+                loss = task_loss + prox
+                total_prox += float(prox.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
-            total_loss += float(loss.detach())
+            total_loss += float(task_loss.detach())
             tokens += int(batch["attention_mask"].sum())
         elapsed = time.perf_counter() - t0
         model.eval()
-        return TrainResult(steps=steps, tokens=tokens, loss=total_loss / max(1, steps), step_time_s=elapsed)
+        return TrainResult(steps=steps, tokens=tokens, loss=total_loss / max(1, steps), step_time_s=elapsed,
+                           prox_term=total_prox / max(1, steps))

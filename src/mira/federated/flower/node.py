@@ -167,8 +167,8 @@ class NodeRuntime:
                      **({"step_scale": task.step_scale} if task.step_scale != 1 else {}))
         new, res = client_fit(self.slot, self.trainer, self.train, ins, task.seed)
         buf = codec.encode(new, keys)
-        return buf, {"n_train": len(self.train), "train_loss": float(res.loss), "steps": int(res.steps),
-                     "tokens": int(res.tokens), "step_time_s": float(res.step_time_s)}
+        return buf, {"n_train": len(self.train), "train_loss": float(res.loss), "prox_term": float(res.prox_term),
+                     "steps": int(res.steps), "tokens": int(res.tokens), "step_time_s": float(res.step_time_s)}
 
     def evaluate(self, bufs: list[bytes], own: int) -> tuple[list[float], int, dict]:
         from mira.eval.metrics import eval_loss, generate, generation_metrics

@@ -290,8 +290,10 @@ def flower_engine_class():
             exchanges = self.strategy.exchanges
             codec = self.codec if exchanges else self.lossless
             contents = {}
+            proximal = False  # FedProx: the proximal term is logged apart (prox_term), as in the engine
             for cid in sampled:
                 ins = self.strategy.configure_fit(cid)
+                proximal = proximal or ins.prox_mu > 0
                 buf = codec.encode(ins.adapter, keys)
                 if exchanges:
                     self.bytes_down += len(buf)
@@ -327,7 +329,8 @@ def flower_engine_class():
                     rejected.append(cid)
                     self.rejected.append({"round": rnd, "client": cid})
                 else:
-                    results[cid] = FitRes(adapter, int(m["n_train"]), {"train_loss": float(m["train_loss"])})
+                    results[cid] = FitRes(adapter, int(m["n_train"]), {"train_loss": float(m["train_loss"]),
+                                                                        "prox_term": float(m.get("prox_term", 0.0))})
                 progress.client_done()
             replied = len(sampled) - len(failed)
             need = self.cfg.federation.min_clients
@@ -337,8 +340,11 @@ def flower_engine_class():
                                 f"from its checkpoint)", where="federation.min_clients")
             info = self.strategy.aggregate_fit(rnd, results)
             entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": time.perf_counter() - t0,
-                     "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps, **info,
-                     "failed": failed,
+                     "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps,
+                     "train_loss": {str(c): r.metrics["train_loss"] for c, r in results.items()},
+                     **({"prox_term": {str(c): r.metrics["prox_term"] for c, r in results.items()}}
+                        if proximal and results else {}),
+                     **info, "failed": failed,
                      "flower_bytes_down": {str(c): replies[c].bytes_down for c in sampled},
                      "flower_bytes_up": {str(c): b for c, b in up.items()}}
             graphs = getattr(self.strategy, "graphs", None)

@@ -80,9 +80,20 @@ class Strategy:
             msg = "unknown option for this algorithm" if err["type"] == "extra_forbidden" else err["msg"]
             raise MiraError(f"{msg}", where=f"algorithm.{loc} ({cls.name})") from None
 
+    @classmethod
+    def check_setup(cls, params: BaseModel, ctx: StrategyContext) -> None:
+        """Refuse, with a ``MiraError``, options that cannot work for this federation (e.g. MIRA's
+        overshooting step). Needs no adapter, so ``mira compare`` and ``mira tune`` call it for
+        every algorithm and seed before the first run starts; the constructor calls it too."""
+
     def num_rounds(self, rounds: int) -> int:
         """Communication rounds for a budget of ``rounds`` x R local steps."""
         return rounds
+
+    def select_clients(self, rnd: int, sampled: list[int]) -> list[int]:
+        """The clients that train in round ``rnd``, given the engine's uniform sample
+        (which is drawn first either way, so the random streams do not depend on this)."""
+        return sampled
 
     # -- what travels ---------------------------------------------------------------
     def wire_keys(self) -> list[str]:

@@ -3,13 +3,14 @@ not federated). Each round it takes as many steps as all sampled clients togethe
 the total number of steps equals the federated runs'."""
 from __future__ import annotations
 
-from mira.federated.strategies.base import FitRes, register_strategy
+from mira.federated.strategies.base import FitRes, NoParams, register_strategy
 from mira.federated.strategies.fedit import FedIT
 
 
 @register_strategy
 class Centralized(FedIT):
     name = "centralized"
+    Params = NoParams
     exchanges = False
     pooled = True
 

@@ -14,6 +14,21 @@ where dW_l is client l's fresh upload if l was sampled this round, else the stor
 (``neighbors: sampled``, as the authors' code). Unsampled clients keep their adapter.
 The regularised dW_k is what client k starts from next time (the authors' code
 reloads the un-regularised one, so its regulariser never reaches training; not here).
+
+**The step is kept safe against the graph actually used.** Client k's new adapter is
+``(1 - s*d_k) dW_{k,R} + s * sum_l a_kl dW_l`` with ``s = eta*lambda`` and ``d_k`` its row sum
+over the neighbours used this round; for ``s*d_k >= 1`` its own weight is ``<= 0`` and the step
+overshoots. Two checks:
+
+* a **static** graph (``random``, ``uniform``, ``file``) is checked once, at configuration
+  time: ``eta*lambda*max_k sum_l a_kl >= 1`` is refused (as before);
+* every round, the step is checked against that round's graph and neighbours:
+  ``d_max = max over the updated clients of d_k``; if ``s*d_max >= 1``, that round uses
+  ``s' = 0.9/d_max`` instead (own weight at least 0.1), and ``rounds.json`` records
+  ``step_scaled: true`` with ``step`` (the one used), ``step_configured`` and ``max_row_sum``.
+  For a static graph that passed the first check this never triggers; for the ``similarity``
+  graph (re-estimated every round, row sums up to K-1) this replaces the old configuration-time
+  bound ``eta*lambda*(K-1) < 1``, which refused large lambdas although real row sums are smaller.
 """
 from __future__ import annotations
 
@@ -36,6 +51,8 @@ class MiraParams(BaseModel):
     neighbors: Literal["all", "sampled"] = "all"
     graph: str = "random"
     graph_file: Optional[str] = None
+    similarity: Literal["cosine", "centered"] = "cosine"  # graph: similarity only (see mira.federated.graph)
+    similarity_average: bool = False
 
 
 @register_strategy
@@ -47,15 +64,32 @@ class Mira(Strategy):
     def __init__(self, params, ctx, init):
         super().__init__(params, ctx, init)
         self.adapters = {cid: dict(self.init) for cid in range(ctx.num_clients)}
-        self.graph = build_graph(params.graph, ctx.num_clients, ctx.seed, params.graph_file)
+        self.graph = self._check(params, ctx)
         self.eta = params.eta if params.eta is not None else ctx.lr * ctx.local_steps
-        step = self.eta * params.lambda_ * self.graph.max_degree_bound()
+        self.graphs: list[np.ndarray] = []  # the graph used in each round
+
+    @classmethod
+    def check_setup(cls, params, ctx) -> None:
+        cls._check(params, ctx)
+
+    @staticmethod
+    def _check(params, ctx):
+        """Build the graph and refuse a static one on which the step would overshoot."""
+        if params.graph != "similarity" and (params.similarity != "cosine" or params.similarity_average):
+            raise MiraError("similarity and similarity_average apply to graph: similarity only",
+                            where="algorithm.similarity")
+        graph = build_graph(params.graph, ctx.num_clients, ctx.seed, params.graph_file,
+                            similarity=params.similarity, similarity_average=params.similarity_average)
+        if graph.dynamic:  # checked against each round's graph instead (see the module docstring)
+            return graph
+        eta = params.eta if params.eta is not None else ctx.lr * ctx.local_steps
+        step = eta * params.lambda_ * graph.max_degree_bound()
         if step >= 1:
             raise MiraError(
-                f"eta*lambda*max_k(sum_l a_kl) = {self.eta:g}*{params.lambda_:g}*{self.graph.max_degree_bound():g} = "
+                f"eta*lambda*max_k(sum_l a_kl) = {eta:g}*{params.lambda_:g}*{graph.max_degree_bound():g} = "
                 f"{step:.3g} >= 1: the Laplacian step would overshoot; lower algorithm.lambda or algorithm.eta",
                 where="algorithm")
-        self.graphs: list[np.ndarray] = []  # the graph used in each round
+        return graph
 
     def configure_fit(self, cid: int) -> FitIns:
         return FitIns(adapter=self.adapters[cid])
@@ -67,7 +101,12 @@ class Mira(Strategy):
         a = self.graph.a
         fresh = {cid: r.adapter for cid, r in results.items()}
         neighbours = range(self.ctx.num_clients) if self.p.neighbors == "all" else sorted(fresh)
-        step = self.eta * self.p.lambda_
+        configured = step = self.eta * self.p.lambda_
+        row_sums = [sum(float(a[k, l]) for l in neighbours if l != k) for k in fresh]
+        max_row = max(row_sums, default=0.0)
+        scaled = step * max_row >= 1
+        if scaled:  # this round's graph would make the step overshoot: keep the own weight at 0.1
+            step = 0.9 / max_row
         new = {}
         for k, wk in fresh.items():
             pulled = {}
@@ -81,7 +120,8 @@ class Mira(Strategy):
             new[k] = pulled
         self.adapters.update(new)
         self.graphs.append(a.copy())
-        return {"graph_edges": int((a > 0).sum() // 2)}
+        return {"graph_edges": int((a > 0).sum() // 2), "step": float(step), "step_configured": float(configured),
+                "max_row_sum": float(max_row), "step_scaled": bool(scaled)}
 
     def adapter_for(self, cid: int):
         return self.adapters[cid]
