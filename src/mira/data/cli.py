@@ -30,33 +30,27 @@ def inspect_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config 
     """Per-client length report and rendered examples (masked prompt shown), without training."""
     from mira.config import load_config
     from mira.data.partition import partition
-    from mira.data.prompts import check_client_stats, get_template, tokenizer_from_config
     from mira.data.records import load_records
-    from mira.data.report import client_reports, render_example, report_table, totals
+    from mira.data.report import check_clients, data_summary, render_example, report_table, tokenize_clients
     from mira.models.loader import load_tokenizer
 
     cfg, _ = load_config(config, set_)
     records = load_records(cfg.data, seed=cfg.data.seed)
     clients = partition(records, cfg.partition, seed=cfg.seed, min_train=1)
     tokenizer = load_tokenizer(cfg.model.path)
-    tok = tokenizer_from_config(cfg.data, tokenizer)
-    train = [tok(c.train) for c in clients]
-    test = [tok(c.test) for c in clients]
-    rows = client_reports(clients, train, test)
-    template = get_template(cfg.data.template, tokenizer).name
-    title = (f"{config or 'embedded default'}: template {template}, max_length {cfg.data.max_length}, "
-             f"overflow {cfg.data.overflow}")
+    train, test, val, rows = tokenize_clients(clients, tokenizer, cfg.data, check=False)
+    summary = data_summary(rows, cfg.data, tokenizer)
     if as_json:
-        print(json.dumps({"template": template, "max_length": cfg.data.max_length, "overflow": cfg.data.overflow,
-                          **totals(rows), "clients": rows}, indent=1))
+        print(json.dumps(summary, indent=1))
     else:
+        title = (f"{config or 'embedded default'}: template {summary['template']}, max_length {cfg.data.max_length}, "
+                 f"overflow {cfg.data.overflow}")
         console.print(report_table(rows, title))
         for c, ds in zip(clients, train):
             for i in range(min(examples, len(ds))):
                 console.rule(f"client {c.id} ({c.task}), training example {i + 1}")
                 console.print(render_example(ds, i, tokenizer), highlight=False, markup=False)
-    for c, tr, te in zip(clients, train, test):
-        check_client_stats(c.id, c.task, tr.stats.merge(te.stats), cfg.data)
+    check_clients(clients, train, test, val, cfg.data)
 
 
 def register(app: typer.Typer) -> None:

@@ -309,9 +309,10 @@ class Tokenizer:
         in_ids = self.ids(r.input)
         keep = len(in_ids)
         for _ in range(12):
-            over = len(self.prompt_ids(Record(r.instruction, r.output, self._middle(in_ids, keep), r.task))) - budget
+            p = self.prompt_ids(Record(r.instruction, r.output, self._middle(in_ids, keep), r.task))
+            over = len(p) - budget
             if over <= 0:
-                return self.prompt_ids(Record(r.instruction, r.output, self._middle(in_ids, keep), r.task))
+                return p
             if keep == 0:
                 return None
             keep = max(0, keep - over)
@@ -332,12 +333,11 @@ class Tokenizer:
             st.before += 1
             st.prompt_lens.append(len(p))
             st.response_lens.append(len(resp))
-            if len(p) + len(resp) <= self.max_length and not (self.overflow == "truncate_input"
-                                                            and len(p) > self.max_length - self.min_response):
-                ds_add(ds, n, r, p, resp)
-                continue
             if self.overflow == "drop":
-                st.dropped += 1
+                if len(p) + len(resp) > self.max_length:
+                    st.dropped += 1
+                else:
+                    ds_add(ds, n, r, p, resp)
                 continue
             budget = self.max_length - self.min_response
             if len(p) > budget:  # depends on the prompt only

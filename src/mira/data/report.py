@@ -1,12 +1,50 @@
-"""What the length policy did to each client, and examples rendered exactly as the model sees them.
+"""Each client's splits under the length policy, what it did, and examples as the model sees them.
 
+``tokenize_clients`` tokenises every client's train, test and validation split with the run's
+template and length policy; ``check_clients`` refuses what ``mira run`` cannot train on.
 ``client_reports`` gives one row per client (train and test together): examples before and
 after, dropped, truncated, prompts kept whole, and token-length percentiles. The same rows go
-to the run log, to ``summary.json`` (``data``) and to ``mira data inspect``.
+to the run log, to ``summary.json`` (``data``, see ``data_summary``) and to ``mira data inspect``.
 """
 from __future__ import annotations
 
-from mira.data.prompts import IGNORE, LengthStats, TokenizedDataset
+from mira.data.prompts import (IGNORE, LengthStats, TokenizedDataset, check_client_stats, get_template,
+                               tokenizer_from_config)
+from mira.errors import MiraError
+
+
+def tokenize_clients(clients, tokenizer, data_cfg, check: bool = True):
+    """``(train, test, val, rows)``: each client's tokenised splits (``val`` is empty when no client
+    has a validation split) and its report rows. With ``check`` a client that cannot be trained on
+    is an error (``check_clients``); ``mira data inspect`` checks after printing its table."""
+    tok = tokenizer_from_config(data_cfg, tokenizer)
+    train = [tok(c.train) for c in clients]
+    test = [tok(c.test) for c in clients]
+    val = [tok(c.val) for c in clients] if any(getattr(c, "val", None) for c in clients) else []
+    if check:
+        check_clients(clients, train, test, val, data_cfg)
+    return train, test, val, client_reports(clients, train, test)
+
+
+def check_clients(clients, train: list[TokenizedDataset], test: list[TokenizedDataset], val: list[TokenizedDataset],
+                  data_cfg) -> None:
+    """A client that would lose more than half of its examples (``check_client_stats``) or that has no
+    training, test or (when asked for) validation example left is an error naming it."""
+    for c, tr, te in zip(clients, train, test):
+        check_client_stats(c.id, c.task, tr.stats.merge(te.stats), data_cfg)
+        if not len(tr) or not len(te):
+            raise MiraError(f"client {c.id} (task {c.task!r}) has no {'training' if not len(tr) else 'test'} example "
+                            f"left after the length policy; raise data.max_length", where="data.max_length")
+    for c, v in zip(clients, val):
+        if not len(v):
+            raise MiraError(f"client {c.id} (task {c.task!r}) has no validation example left after the length "
+                            f"policy; raise data.max_length or partition.val_fraction", where="partition.val_fraction")
+
+
+def data_summary(rows: list[dict], data_cfg, tokenizer) -> dict:
+    """The ``data`` section of ``summary.json`` (and ``mira data inspect --json``)."""
+    return {"template": get_template(data_cfg.template, tokenizer).name, "overflow": data_cfg.overflow,
+            "max_length": data_cfg.max_length, **totals(rows), "clients": rows}
 
 
 def client_reports(clients, train: list[TokenizedDataset], test: list[TokenizedDataset]) -> list[dict]:

@@ -39,8 +39,8 @@ import torch
 
 from mira.config import RunConfig
 from mira.data.partition import ClientData, partition
-from mira.data.prompts import TokenizedDataset, check_client_stats, tokenizer_from_config
-from mira.data.report import client_reports, log_lines, totals
+from mira.data.prompts import TokenizedDataset
+from mira.data.report import data_summary, log_lines, tokenize_clients
 from mira.data.records import load_records
 from mira.errors import MiraError
 from mira.eval.metrics import eval_loss, generate, generation_metrics
@@ -135,47 +135,13 @@ class Workspace:
         base, tokenizer = load_base(cfg.model.path, cfg.model.dtype, cfg.model.device, quantization=cfg.model.quantization)
         lora = lora_settings_to_peft(base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
         slot = AdapterSlot.attach(base, lora, seed=cfg.seed)
-        train, test, report = tokenize_clients(clients, tokenizer, cfg.data)
-        val = tokenize_val(clients, tokenizer, cfg.data)
+        train, test, val, report = tokenize_clients(clients, tokenizer, cfg.data)
         for line in log_lines(report):
             log_fn(line)
         log_fn(f"{len(records)} records, {len(clients)} clients, "
                f"{sum(len(t) for t in train)} train / {sum(len(t) for t in test)} test examples"
                + (f" / {sum(len(v) for v in val)} validation examples (from the training data)" if val else ""))
         return cls(cfg, slot.model, tokenizer, slot, clients, train, test, TokenizedDataset.concat(test), report, val)
-
-    @property
-    def template_name(self) -> str:
-        from mira.data.prompts import get_template
-
-        return get_template(self.cfg.data.template, self.tokenizer).name
-
-
-def tokenize_clients(clients: list[ClientData], tokenizer, data_cfg):
-    """Each client's train and test split under the run's template and length policy; a client
-    that would lose more than half of its examples is an error (see ``check_client_stats``)."""
-    tok = tokenizer_from_config(data_cfg, tokenizer)
-    train = [tok(c.train) for c in clients]
-    test = [tok(c.test) for c in clients]
-    for c, tr, te in zip(clients, train, test):
-        check_client_stats(c.id, c.task, tr.stats.merge(te.stats), data_cfg)
-        if not len(tr) or not len(te):
-            raise MiraError(f"client {c.id} (task {c.task!r}) has no {'training' if not len(tr) else 'test'} example "
-                            f"left after the length policy; raise data.max_length", where="data.max_length")
-    return train, test, client_reports(clients, train, test)
-
-
-def tokenize_val(clients: list[ClientData], tokenizer, data_cfg) -> list[TokenizedDataset]:
-    """Each client's validation split (empty list when no client has one)."""
-    if not any(c.val for c in clients):
-        return []
-    tok = tokenizer_from_config(data_cfg, tokenizer)
-    val = [tok(c.val) for c in clients]
-    for c, v in zip(clients, val):
-        if not len(v):
-            raise MiraError(f"client {c.id} (task {c.task!r}) has no validation example left after the length "
-                            f"policy; raise data.max_length or partition.val_fraction", where="partition.val_fraction")
-    return val
 
 
 def strategy_context(cfg: RunConfig, n_train: list[int], keys: list[str] | None = None) -> StrategyContext:
@@ -409,8 +375,7 @@ class Engine:
             "round_time_s": float(sum(e["round_time_s"] for e in self.rounds_log)),
             "train_tokens": int(sum(e["train_tokens"] for e in self.rounds_log)),
             "train_steps": int(sum(e["train_steps"] for e in self.rounds_log)),
-            "data": {"template": ws.template_name, "overflow": self.cfg.data.overflow,
-                     "max_length": self.cfg.data.max_length, **totals(ws.data_report), "clients": ws.data_report},
+            "data": data_summary(ws.data_report, self.cfg.data, ws.tokenizer),
         }
         for key in ("val_loss", "rouge_l", "exact_match"):
             if last and key in last[0]:

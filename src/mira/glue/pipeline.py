@@ -97,7 +97,10 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
     t0 = time.perf_counter()
     spec, root = load_zoo(zoo)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    from mira.io import is_empty_dir, recover_dir
+
+    recover_dir(out)  # an interrupted --overwrite's old folder first, as `mira merge` does
+    if not is_empty_dir(out) and not overwrite:
         raise MiraError(f"{out} exists and is not empty (use --overwrite)", where="--out")
     members, base_path = load_members(spec, root)
     strategy = get_strategy(spec.strategy.name)

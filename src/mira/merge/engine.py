@@ -36,7 +36,7 @@ import yaml
 from torch import Tensor
 
 from mira.errors import MiraError
-from mira.io import make_temp_dir, recover_dir, replace_dir
+from mira.io import is_empty_dir, make_temp_dir, recover_dir, replace_dir
 from mira.merge import lora
 from mira.merge.checkpoint import ADAPTER_CONFIG, MODEL_CONFIG, Checkpoint, ShardedWriter, TensorSpec, copy_side_files
 from mira.merge.recipe import MergeRecipe, load_recipe
@@ -123,7 +123,7 @@ def _check_output_folder(out: Path, job: _Job, overwrite: bool) -> None:
     inputs += [job.base.path] if job.base else []
     if any(out.resolve() == p.resolve() for p in inputs):
         raise MiraError("the output folder is one of the inputs", where=str(out))
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if not overwrite and not is_empty_dir(out):
         raise MiraError("output folder exists and is not empty (use --overwrite to replace it)", where=str(out))
 
 

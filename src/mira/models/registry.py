@@ -108,7 +108,6 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, log: Log 
         tokenizer.save_pretrained(tmp)
         record["converted_s"] = round(time.perf_counter() - t0, 2)
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
     if log:
         log(f"converted {gguf_file.name}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
             f"in {record['converted_s']:.0f}s")

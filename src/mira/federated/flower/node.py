@@ -135,14 +135,15 @@ class NodeRuntime:
     """Model, LoRA slot, trainer and this client's tokenised splits (one ClientApp call)."""
 
     def __init__(self, cfg: RunConfig, spec: NodeSpec):
-        from mira.federated.engine import tokenize_clients, train_settings
+        from mira.data.report import tokenize_clients
+        from mira.federated.engine import train_settings
         from mira.federated.wire import WireCodec
         from mira.train.trainer import LocalTrainer
 
         self.cfg, self.spec = cfg, spec
         self.client = load_client_data(cfg, spec)
         self.tokenizer, self.slot = load_slot(cfg)
-        (self.train,), (self.test,), self.data_report = tokenize_clients([self.client], self.tokenizer, cfg.data)
+        (self.train,), (self.test,), _val, self.data_report = tokenize_clients([self.client], self.tokenizer, cfg.data)
         from mira.data.report import log_lines
 
         for line in log_lines(self.data_report):  # stays on this node, with its data

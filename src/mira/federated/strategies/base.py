@@ -123,6 +123,14 @@ def get_strategy(name: str) -> type[Strategy]:
     return STRATEGIES[name]
 
 
+def data_size_weights(n_train: list[int]) -> list[float]:
+    """The clients' shares of the data, ``n_i / sum_j n_j`` (equal shares when no client reports data)."""
+    total = float(sum(n_train))
+    if total <= 0:
+        return [1.0 / len(n_train)] * len(n_train)
+    return [n / total for n in n_train]
+
+
 def weighted_average(states: list[AdapterState], weights: list[float], keys: list[str]) -> AdapterState:
     total = float(sum(weights))
     return {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in keys}

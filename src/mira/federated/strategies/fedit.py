@@ -17,7 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from mira.federated.strategies.base import FitIns, FitRes, Strategy, register_strategy, weighted_average
+from mira.federated.strategies.base import (FitIns, FitRes, Strategy, data_size_weights, register_strategy,
+                                           weighted_average)
 from mira.federated.strategies.products import exact_average, fedavg_error, lora_pairs
 
 
@@ -42,8 +43,7 @@ class FedIT(Strategy):
         """The server's average of the uploads (wire keys only) and what to log about it."""
         keys = self.wire_keys()
         states, sizes = [r.adapter for r in results.values()], [r.n_train for r in results.values()]
-        total = float(sum(sizes))
-        weights = [n / total for n in sizes] if total > 0 else [1.0 / len(sizes)] * len(sizes)
+        weights = data_size_weights(sizes)
         modules = lora_pairs(keys)
         info = fedavg_error(states, weights, modules)
         if getattr(self.p, "aggregation", "fedavg") == "exact":

@@ -19,16 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mira.errors import MiraError
-from mira.federated.strategies.base import FitIns, FitRes, register_strategy, weighted_average
+from mira.federated.strategies.base import FitIns, FitRes, data_size_weights, register_strategy, weighted_average
 from mira.federated.strategies.fedit import FedIT
-
-
-def data_size_weights(n_train: list[int]) -> list[float]:
-    """The clients' shares of the data, ``n_i / sum_j n_j`` (equal shares when no client reports data)."""
-    total = float(sum(n_train))
-    if total <= 0:
-        return [1.0 / len(n_train)] * len(n_train)
-    return [n / total for n in n_train]
 
 
 class OneShotParams(BaseModel):
