@@ -6,26 +6,41 @@ unset variable is an error that names the field. Any validation error becomes a
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_validator
 
 from mira.errors import MiraError
+from mira.privacy.config import PrivacyConfig
+from mira.userfiles import dotted, first_non_finite, parse_yaml, pydantic_message, read_yaml
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no silent coercion (``true`` is not 1, ``"3"`` is not 3, ``2.0`` is not an int; a YAML int is a
+    # valid float); every float finite (``.inf``/``.nan`` are refused up front, not discovered in round 1)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
     path: str = "builtin:demo"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps, ...
     quantization: Optional[Literal["4bit", "8bit"]] = None  # QLoRA through bitsandbytes; needs a CUDA GPU
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+_DEVICE = re.compile(r"^(auto|cpu|meta|mps|(cuda|xpu|npu|hpu|xla)(:\d+)?)$")
 
 
 class LoraSettings(_Strict):
@@ -33,6 +48,23 @@ class LoraSettings(_Strict):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Optional[list[str]] = None
+    # per-client ranks (heterogeneous LoRA; see docs/strategies.md): one per client, or fewer, cycled over
+    # the clients (rank_by: client) or given to equal groups of clients by training-set size (rank_by: data_size)
+    ranks: Optional[list[int]] = None
+    rank_by: Literal["client", "data_size"] = "client"
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (not v or any(r <= 0 for r in v)):
+            raise ValueError(f"ranks must be a non-empty list of positive integers, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _rank_by(self):
+        if self.rank_by != "client" and self.ranks is None:
+            raise ValueError("rank_by needs lora.ranks (the ranks to give the groups of clients)")
+        return self
 
 
 class DataConfig(_Strict):
@@ -83,7 +115,7 @@ class FederationConfig(_Strict):
     @field_validator("lr")
     @classmethod
     def _lr(cls, v: float) -> float:
-        if v <= 0:
+        if not v > 0:
             raise ValueError(f"learning rate must be positive, got {v}")
         return v
 
@@ -92,7 +124,7 @@ class AlgorithmConfig(BaseModel):
     """``name`` picks the strategy class; the other keys are that strategy's ``Params``."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "mira"
+    name: StrictStr = "mira"
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -116,7 +148,7 @@ class RefineHook(BaseModel):
     """Optional per-client data refinement before training (see ``mira.shed``)."""
 
     model_config = ConfigDict(extra="allow")
-    method: str = "shed"
+    method: StrictStr = "shed"
 
 
 class RunConfig(_Strict):
@@ -130,6 +162,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     refine: Optional[RefineHook] = None
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     plots: bool = True
 
     @model_validator(mode="after")
@@ -164,7 +197,7 @@ def _expand(value: Any, where: str) -> Any:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -186,18 +219,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def validate(raw: dict, source: str = "config") -> RunConfig:
-    raw = _expand(raw, "")
+    """``raw`` as a checked ``RunConfig``; every problem a ``MiraError`` naming ``source`` (the file,
+    or the flag the values came from) and the field."""
     try:
-        cfg = RunConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(root)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        raise MiraError(f"{field}: {msg}", where=source) from None
-    _check_names(cfg)
+        raw = _expand(raw, "")
+        try:
+            cfg = RunConfig.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "(root)"
+            raise MiraError(f"{field}: {pydantic_message(err)}") from None
+        bad = first_non_finite(cfg)  # sections defined elsewhere (e.g. privacy) too
+        if bad is not None:
+            raise MiraError(f"{dotted(bad[0])}: must be a finite number, got {bad[1]}")
+        _check_names(cfg)
+    except MiraError as e:
+        if source == "config":
+            raise
+        raise MiraError(e.message, where=f"{source}: {e.where}" if e.where else source) from None
     return cfg
+
 
 
 def _check_names(cfg: RunConfig) -> None:
@@ -206,7 +247,11 @@ def _check_names(cfg: RunConfig) -> None:
     from mira.data.records import SOURCES
     from mira.federated.strategies import get_strategy
 
-    get_strategy(cfg.algorithm.name).parse_params(cfg.algorithm.params())
+    strategy = get_strategy(cfg.algorithm.name)
+    params = strategy.parse_params(cfg.algorithm.params())
+    if cfg.lora.ranks is not None and not strategy.supports_ranks(params):
+        raise MiraError(f"{cfg.algorithm.name} trains one rank for all clients; per-client ranks need flora, hetlora "
+                        "or mira with space: delta", where="lora.ranks")
     if cfg.partition.name not in PARTITIONERS:
         raise MiraError(f"unknown partitioner {cfg.partition.name!r}; choose one of {sorted(PARTITIONERS)}",
                         where="partition.name")
@@ -230,12 +275,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
         source = str(p)
         if not p.exists():
             raise MiraError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise MiraError(f"malformed YAML: {getattr(e, 'problem', e)}", where=where) from None
+        raw = read_yaml(p, "config file")
+        if raw is None:
+            raw = {}
+            logging.getLogger("mira").warning("%s is empty: every field takes its default value", p)
         if not isinstance(raw, dict):
             raise MiraError("a config must be a YAML mapping", where=str(p))
     raw = apply_overrides(raw, list(overrides))

@@ -12,4 +12,5 @@ class MiraError(Exception):
 
     def __init__(self, message: str, where: str | None = None):
         self.where = where
+        self.message = message  # without ``where``
         super().__init__(f"{where}: {message}" if where else message)

@@ -43,22 +43,73 @@ def current_umask() -> int:
     return mask
 
 
+class _Writer:
+    """A file that remembers the ``OSError`` its ``write`` raised: ``torch.save`` turns that one into
+    ``RuntimeError: [enforce fail ...] unexpected pos``, and a full disk should read as a full disk."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+_KILLS: dict[tuple[str, str], int] = {}
+
+
+def _test_kill(stage: str, path: Path) -> None:
+    """Test hook for the kill tests (``tests/core/test_kills.py``): with ``MIRA_TEST_KILL_AT=STAGE:NAME:N``
+    this process SIGKILLs itself at ``STAGE`` of its N-th atomic write of a file called ``NAME``:
+    ``write`` when the temp file is written and fsynced but not yet renamed, ``rename`` right after
+    the rename (e.g. ``write:checkpoint.pt:2``: in the middle of the second checkpoint)."""
+    spec = os.environ.get("MIRA_TEST_KILL_AT")
+    if not spec:
+        return
+    want, _, rest = spec.partition(":")
+    name, _, n = rest.rpartition(":")
+    if want != stage or name != path.name:
+        return
+    _KILLS[stage, name] = count = _KILLS.get((stage, name), 0) + 1
+    if str(count) == n.strip():
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike):
-    """Yield a binary file in ``path``'s folder; on success fsync it and rename it to ``path``."""
+    """Yield a binary file in ``path``'s folder; on success fsync it and rename it to ``path``.
+    An ``OSError`` that a write raised (``ENOSPC``: the disk is full) is raised as itself, whatever
+    the writer made of it; the temp file is removed and ``path`` keeps its old content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    writer = None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
-            yield f
+            writer = _Writer(f)
+            yield writer
             f.flush()
             os.fsync(f.fileno())
+        _test_kill("write", path)
         os.replace(tmp, path)
-    except BaseException:
+        _test_kill("rename", path)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        err = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from None  # say which file
+        if err is not e:
+            raise err from None
         raise
 
 
@@ -227,6 +278,22 @@ def clean_temp(root: str | os.PathLike) -> list[Path]:
             elif entry.is_dir(follow_symlinks=False):
                 dirnames.append(entry.name)
     return removed
+
+
+def clear_if_only_temp(path: str | os.PathLike) -> bool:
+    """Empty a folder that holds nothing but temp files or folders of killed writers (with their
+    pid: a run killed while it wrote its first file), so that it counts as empty. True if it did."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entries = list(path.iterdir())
+    stale = [e for e in entries if (m := _TEMP.match(e.name)) and m.group(1) and not _pid_alive(int(m.group(1)))]
+    if not entries or len(stale) != len(entries):
+        return False
+    for e in stale:
+        with contextlib.suppress(OSError):
+            _remove(e)
+    return True
 
 
 def is_empty_dir(path: str | os.PathLike) -> bool:

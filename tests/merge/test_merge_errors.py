@@ -46,7 +46,7 @@ def test_yaml_errors_name_the_file(tmp_path):
     with pytest.raises(MiraError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")
     path.write_text("merge_method: [unclosed\n")
-    with pytest.raises(MiraError, match="not valid YAML"):
+    with pytest.raises(MiraError, match="malformed YAML"):
         load_recipe(path)
 
 

@@ -17,16 +17,30 @@ def refine(data, out, *extra):
 
 
 @pytest.mark.parametrize("budget", ["0", "1.5", "-0.1", "0.0", "abc"])
-def test_budget_outside_range_exit_2(tmp_path, data_file, capsys, budget):
-    assert refine(data_file, tmp_path / "r.jsonl", "--budget", budget) == 2
+def test_budget_fraction_outside_range_exit_2(tmp_path, data_file, capsys, budget):
+    assert refine(data_file, tmp_path / "r.jsonl", "--budget-fraction", budget) == 2
     err = capsys.readouterr().err
-    assert "error:" in err and "budget" in err and len(err.strip().splitlines()) == 1
+    assert "error:" in err and "--budget-fraction" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.jsonl").exists()
 
 
-def test_budget_count_larger_than_data_exit_2(tmp_path, data_file, capsys):
-    assert refine(data_file, tmp_path / "r.jsonl", "--budget", "500") == 2
+@pytest.mark.parametrize("budget", ["1", "1.0", "0.1", "500"])
+def test_old_budget_flag_is_a_clear_error(tmp_path, data_file, capsys, budget):
+    """``--budget 1`` (one record) vs ``1.0`` (everything) was a trap: the flag is gone, with a pointer."""
+    assert refine(data_file, tmp_path / "r.jsonl", "--budget", budget) == 2
+    err = capsys.readouterr().err
+    assert "--budget-records N" in err and "--budget-fraction F" in err and len(err.strip().splitlines()) == 1
+
+
+def test_budget_records_and_both_budgets(tmp_path, data_file, capsys):
+    assert refine(data_file, tmp_path / "r.jsonl", "--budget-records", "500") == 2
     assert "larger than the 108 candidate records" in capsys.readouterr().err
+    assert refine(data_file, tmp_path / "r.jsonl", "--budget-records", "0") == 2
+    assert "--budget-records" in capsys.readouterr().err
+    assert refine(data_file, tmp_path / "r.jsonl", "--budget-records", "3", "--budget-fraction", "0.5") == 2
+    assert "not both" in capsys.readouterr().err
+    assert refine(data_file, tmp_path / "r.jsonl", "--epochs", "1") == 2
+    assert "--epochs was removed" in capsys.readouterr().err
 
 
 def test_more_clusters_than_records_exit_2(tmp_path, data_file, capsys):
@@ -67,9 +81,9 @@ def test_missing_file_exit_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_refine_writes_jsonl_report_and_plot(tmp_path, data_file):
+def test_refine_writes_jsonl_report_and_plot(tmp_path, data_file, capsys):
     out = tmp_path / "o" / "refined.jsonl"
-    assert refine(data_file, out, "--budget", "0.2", "--strategy", "qwcs", "--clusters", "4", "--seed", "3",
+    assert refine(data_file, out, "--budget-fraction", "0.2", "--strategy", "qwcs", "--clusters", "4", "--seed", "3",
                   "--model", "builtin:demo") == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == round(0.2 * 108)
@@ -77,3 +91,34 @@ def test_refine_writes_jsonl_report_and_plot(tmp_path, data_file):
     report = json.loads((out.parent / "shed.json").read_text())
     assert report["budget_count"] == len(rows) and len(report["clusters"]) == 4
     assert (out.parent / "shed_values.png").stat().st_size > 1000
+    rel = report["reliability"]  # always reported: here 1 iteration, so not measurable, and said so
+    assert rel["split_half"] is None and not rel["reliable"] and "NOT MEASURED" in rel["verdict"]
+    assert rel["evaluations"] >= 2 and "cache_hits" in rel and report["wall_s"] > 0
+    assert "warning: reliability NOT MEASURED" in capsys.readouterr().err  # even with --quiet
+
+
+def test_default_budget_is_a_tenth(tmp_path, data_file):
+    out = tmp_path / "refined.jsonl"
+    assert refine(data_file, out, "--clusters", "4") == 0
+    assert len(out.read_text().splitlines()) == round(0.1 * 108)
+
+
+def test_console_summary_shows_reliability(tmp_path, data_file, capsys):
+    out = tmp_path / "refined.jsonl"
+    args = [a for a in FAST if a != "--quiet"]
+    args[args.index("--iterations") + 1] = "4"
+    assert main(["refine", str(data_file), "--out", str(out), *args, "--clusters", "5", "--budget-records", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "split-half rank correlation of the cluster values:" in text
+    assert "noise of one v(S)" in text and "mean standard error" in text
+    assert "cache hits" in text and "v(S) computed" in text
+
+
+def test_quiet_silences_the_loading_weights_bar(tmp_path, data_file, capfd):
+    """``--quiet`` with the sentence-embedding model: no "Loading weights" bar on stderr."""
+    out = tmp_path / "refined.jsonl"
+    args = [a if a != "hashing" else "all-MiniLM-L6-v2" for a in FAST]
+    assert main(["refine", str(data_file), "--out", str(out), *args, "--clusters", "4"]) == 0
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "Loading weights" not in captured.out
+    assert "Loading SentenceTransformer" not in captured.err

@@ -15,7 +15,10 @@ from .conftest import TaskValue
 
 
 def fake(**kw) -> ShedSettings:
-    base = dict(embedder="hashing", clusters=12, iterations=3, group_size=1, tolerance=0.0, budget=0.25)
+    base = dict(embedder="hashing", clusters=12, iterations=3, group_size=1, tolerance=0.0, antithetic=False,
+                center=False)
+    if "budget_records" not in kw:
+        base["budget_fraction"] = 0.25
     return ShedSettings(**{**base, **kw})
 
 
@@ -42,14 +45,14 @@ def test_qocs_prefers_the_valuable_clusters(records):
 
 
 def test_budget_fraction_and_count_and_validation_holdout(records):
-    res = run(records, budget=0.25, val_fraction=0.1)
+    res = run(records, budget_fraction=0.25, val_fraction=0.1)
     assert len(res.val_indices) == 12 and len(res.candidates) == 108
     assert len(res.indices) == res.budget_count == 27
     assert not set(res.indices) & set(res.val_indices)
     assert res.records == [records[i] for i in res.indices]
-    assert len(run(records, budget=40).indices) == 40
+    assert len(run(records, budget_records=40).indices) == 40
     val = [Record("Add the two numbers.", "3", "1 + 2", "add")]
-    res = refine(records, fake(budget=1.0), val_records=val, value_factory=lambda p, v: TaskValue(p))
+    res = refine(records, fake(budget_fraction=1.0), val_records=val, value_factory=lambda p, v: TaskValue(p))
     assert res.val_indices == [] and res.indices == list(range(len(records)))
 
 
@@ -78,11 +81,11 @@ def test_api_errors(records):
     with pytest.raises(MiraError, match="record 1 .* no output"):
         run([records[0], Record("do it", "  "), records[2]])
     with pytest.raises(MiraError, match="larger than the 108 candidate"):
-        run(records, budget=500)
+        run(records, budget_records=500)
     with pytest.raises(MiraError, match="more clusters"):
         run(records, clusters=109)
-    with pytest.raises(MiraError, match="budget"):
-        ShedSettings.from_mapping({"budget": 1.5})
+    with pytest.raises(MiraError, match="budget_fraction"):
+        ShedSettings.from_mapping({"budget_fraction": 1.5})
     with pytest.raises(MiraError, match="refine.strategy"):
         ShedSettings.from_mapping({"strategy": "best"}, where="refine")
 
@@ -106,7 +109,7 @@ def test_real_end_to_end_demo_model_and_minilm(records):
     from mira.shed.value import ProxyModel
 
     small = records[::3]  # 40 records, 4 tasks
-    s = ShedSettings(embedder="all-MiniLM-L6-v2", budget=0.3, clusters=6, iterations=2, group_size=2, steps=3,
+    s = ShedSettings(embedder="all-MiniLM-L6-v2", budget_fraction=0.3, clusters=6, iterations=2, group_size=2, steps=3,
                      batch_size=4, max_val=6, max_length=80, seed=1, strategy="qocs")
     proxy = ProxyModel.load(s)
     a = refine(small, s, proxy=proxy)

@@ -48,6 +48,58 @@ def test_matches_exact_shapley_on_a_non_additive_game():
     assert est.evaluations <= 2 ** 5  # the cache makes repeated coalitions free
 
 
+@pytest.mark.parametrize("antithetic, center", [(True, False), (False, True), (True, True)])
+def test_variance_reduction_keeps_the_exact_shapley_value(antithetic, center):
+    """Antithetic pairs and the position control variate are unbiased: they converge to the exact values."""
+    w = np.array([1.0, 2.0, 0.5, -1.0, 3.0])
+
+    def v(s):
+        base = sum(w[i] for i in s)
+        return math.sqrt(abs(base)) * np.sign(base) + (2.0 if {0, 4} <= s else 0.0)
+
+    exact = exact_shapley(5, v)
+    est = monte_carlo_shapley(5, v, iterations=3000, group_size=1, seed=0, antithetic=antithetic, center=center)
+    np.testing.assert_allclose(est.values, exact, atol=0.05)
+    assert est.values.sum() == pytest.approx(exact.sum(), abs=0.05)  # centring keeps the sum
+
+
+def saturating(signal):
+    """A game like v(S) with a fixed training budget: the first records added are worth most, whoever they
+    are (sqrt of the size), plus a small additive worth per player; exact values by symmetry + additivity."""
+    n = len(signal)
+
+    def v(s):
+        return math.sqrt(len(s)) + float(sum(signal[i] for i in s))
+
+    exact = math.sqrt(n) / n + np.asarray(signal)  # the size term is symmetric: sqrt(n)/n each
+    return v, exact
+
+
+def test_centering_and_antithetic_pairs_reduce_the_error_on_a_saturating_game():
+    signal = np.random.default_rng(0).normal(scale=0.05, size=40)
+    v, exact = saturating(signal)
+    errors = {}
+    for name, kw in {"plain": {}, "reduced": {"antithetic": True, "center": True}}.items():
+        errs = [np.sqrt(np.mean((monte_carlo_shapley(40, v, iterations=10, group_size=1, seed=s, **kw).values
+                                 - exact) ** 2)) for s in range(6)]
+        errors[name] = float(np.mean(errs))
+    assert errors["reduced"] < 0.5 * errors["plain"], errors
+
+
+def test_units_stderr_and_split_half():
+    v, _ = saturating(np.linspace(-0.2, 0.2, 12))
+    res = monte_carlo_shapley(12, v, iterations=8, group_size=3, seed=1, antithetic=True, center=True)
+    assert res.units.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and res.n_units == 4
+    # an antithetic partner adds the same groups in the reverse order
+    assert np.array_equal(res.positions[1], res.positions[0].max() - res.positions[0])
+    a, b = res.split_half()
+    np.testing.assert_allclose(a, res.estimate([0, 2]))
+    np.testing.assert_allclose(b, res.estimate([1, 3]))
+    assert res.stderr.shape == (12,) and np.all(res.stderr >= 0)
+    single = monte_carlo_shapley(12, v, iterations=2, group_size=3, seed=1, antithetic=True)
+    assert single.split_half() is None and np.all(single.stderr == 0)
+
+
 def test_split_credit_is_efficient_per_iteration_with_groups():
     w = np.random.default_rng(1).normal(size=23)
     v = lambda s: float(np.tanh(sum(w[i] for i in s)))  # noqa: E731 - not additive
@@ -88,6 +140,28 @@ def test_truncation_credits_the_rest_zero_and_skips_evaluations():
     assert trunc.values[0] == 1.0 and np.all(trunc.values[1:] == 0)
     assert trunc.truncated_groups > 0 and full.truncated_groups == 0
     assert trunc.evaluations < full.evaluations
+
+
+def test_truncation_when_v_full_equals_v_empty_keeps_the_values():
+    """``v(N) = v(empty)`` makes the tolerance 0: no truncation (a ``<=`` test made every value 0 here)."""
+    w = np.array([1.0, -2.0, 0.5, 0.5])
+
+    def v(s):
+        return 0.0 if len(s) == 4 else float(sum(w[i] for i in s))
+
+    exact = exact_shapley(4, v)
+    assert np.abs(exact).max() > 0.1
+    est = monte_carlo_shapley(4, v, iterations=2000, group_size=1, seed=0, tolerance=0.05)
+    assert est.truncated_groups == 0
+    np.testing.assert_allclose(est.values, exact, atol=0.05)
+
+
+def test_truncation_fires_on_the_tolerance_in_addition_order():
+    # v saturates once 3 players are in: the rest of a permutation adds < 1% and is credited 0 unevaluated
+    v = lambda s: min(len(s), 3) / 3 + 0.001 * len(s)  # noqa: E731
+    res = monte_carlo_shapley(30, v, iterations=4, group_size=1, seed=0, tolerance=0.1)
+    assert res.truncated_groups >= 4 * 20
+    assert res.evaluations <= 2 + 4 * 10
 
 
 def test_same_seed_same_estimate_and_progress_reaches_total():

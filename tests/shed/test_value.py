@@ -23,12 +23,38 @@ def test_value_is_a_deterministic_function_of_the_set(demo_proxy, records):
     assert empty == pytest.approx(v.score())  # v(empty): the slot was reset to the start adapter
 
 
-def test_epochs_scale_steps_with_the_coalition(demo_proxy, records):
-    s = ShedSettings(epochs=2.0, batch_size=4, max_length=80)
+def test_fixed_steps_whatever_the_coalition_size_and_paired_batches(demo_proxy, records):
+    """Every v(S) trains ``steps`` steps; batches come from fixed priorities, so adding a player changes only
+    the batches it enters (common random numbers across coalitions)."""
+    s = ShedSettings(steps=6, batch_size=4, max_length=80)
     v = LoraValue(demo_proxy, records[:12], records[-4:], s)
-    assert v.trainer.settings.num_steps(3) == 2 and v.trainer.settings.num_steps(12) == 6
-    v(frozenset({0, 1, 2}))
+    small, big = v.batches(frozenset({0, 1, 2}), seed=0), v.batches(frozenset(range(12)), seed=0)
+    assert len(small) == len(big) == 6  # the same budget for 3 players and for 12
+    assert all(sorted(b) == [0, 1, 2] for b in small)  # fewer players than a batch: all of them each step
+    assert all(len(b) == 4 for b in big)
+    plus = v.batches(frozenset(range(12)) - {5}, seed=0)
+    changed = [i for i, (x, y) in enumerate(zip(big, plus)) if x != y]
+    assert changed == [i for i, b in enumerate(big) if v.row_of[5] in b]  # only where player 5 was drawn
+    assert v.batches(frozenset(range(12)), seed=1) != big  # another training seed, other batches
+    assert v.batches(frozenset(), seed=0) == []
+
+
+def test_evaluate_with_other_seeds_measures_the_noise(demo_proxy, records):
+    s = ShedSettings(steps=3, batch_size=2, max_length=80, lr=1e-2)
+    v = LoraValue(demo_proxy, records[:8], records[-8:], s)
+    everyone = frozenset(range(8))
+    a = v(everyone)
+    assert v.evaluate(everyone, seed=s.seed) == a  # __call__ is the settings' seed
+    others = {v.evaluate(everyone, seed=k) for k in (1, 2)}
+    assert len(others | {a}) == 3  # other batches, other values: the noise of one v(S)
     assert v.train_seconds > 0
+
+
+def test_epochs_is_refused_with_a_reason():
+    from mira.errors import MiraError
+
+    with pytest.raises(MiraError, match="epochs.*removed.*fixed 'steps'"):
+        ShedSettings.from_mapping({"epochs": 1.0})
 
 
 def test_token_accuracy_and_warm_start(demo_proxy, records):
@@ -58,7 +84,7 @@ def test_dolly_with_stories260k(assets):
     if not dolly.exists() or not model.exists():
         pytest.skip("Dolly-15k or stories260K missing under MIRA_ASSETS")
     recs = load_records(DataConfig(source="dolly", path=str(dolly), max_per_task=8), seed=0)
-    s = ShedSettings(model=str(model), embedder="hashing", budget=0.2, clusters=6, iterations=2, steps=3,
+    s = ShedSettings(model=str(model), embedder="hashing", budget_fraction=0.2, clusters=6, iterations=2, steps=3,
                      batch_size=4, max_length=160, template="compact", max_val=8, strategy="qwcs")
     res = refine(recs, s)
     assert len(res.records) == round(0.2 * len(res.candidates))

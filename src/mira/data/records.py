@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Iterator
 
 from mira.errors import MiraError
+from mira.userfiles import decode, read_text
 
 
 @dataclass(frozen=True)
@@ -34,31 +35,53 @@ def register_source(cls):
     return cls
 
 
-def _need_path(cfg, what: str) -> Path:
+def _need_path(cfg, what: str, folder: bool = False) -> Path:
+    """``data.path``, which must exist; and be a file unless ``folder`` (a folder of files is accepted)."""
     if not cfg.path:
         raise MiraError(f"data.path is required for source {cfg.source!r} ({what})", where="data.path")
     p = Path(os.path.expanduser(cfg.path))
     if not p.exists():
         raise MiraError(f"not found: {cfg.path}", where="data.path")
+    if p.is_dir() and not folder:
+        raise MiraError(f"{cfg.path} is a folder; source {cfg.source!r} reads {what}", where="data.path")
     return p
 
 
+def _files_in(folder: Path, pattern: str, what: str) -> list[Path]:
+    files = sorted(f for f in folder.glob(pattern) if f.is_file())
+    if not files:
+        raise MiraError(f"{folder} is a folder with no {what} files", where="data.path")
+    return files
+
+
+def _not_an_object(obj) -> str:
+    return f"expected a JSON object (a record), got {'null' if obj is None else type(obj).__name__} {str(obj)[:40]}"
+
+
 def iter_json_objects(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` from a JSONL file, or from a JSON list file (line 0)."""
-    with open(path, encoding="utf-8") as f:
+    """Yield ``(line_number, object)`` from a JSONL file, or from a JSON list file (the line where
+    each object starts). Unreadable bytes, malformed JSON or an item that is not an object is a
+    ``MiraError`` at ``path:line``."""
+    try:
+        f = open(path, "rb")
+    except IsADirectoryError:
+        raise MiraError(f"{path} is a folder, not a JSON or JSONL file", where="data.path") from None
+    except OSError as e:
+        raise MiraError(f"cannot read {path}: {e.strerror or e}", where="data.path") from None
+    with f:
         first = f.read(1)
         while first and first.isspace():
             first = f.read(1)
         f.seek(0)
-        if first == "[":
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise MiraError(f"malformed JSON: {e.msg}", where=f"{path}:{e.lineno}") from e
-            for obj in items:
-                yield 0, obj
+        if first == b"[":
+            yield from _json_list(path, decode(f.read(), path))
             return
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MiraError(f"not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8",
+                                where=f"{path}:{lineno}") from None
             if not line.strip():
                 continue
             try:
@@ -66,8 +89,39 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise MiraError(f"malformed JSON line: {e.msg}", where=f"{path}:{lineno}") from e
             if not isinstance(obj, dict):
-                raise MiraError("expected a JSON object on each line", where=f"{path}:{lineno}")
+                raise MiraError(_not_an_object(obj), where=f"{path}:{lineno}")
             yield lineno, obj
+
+
+def _json_list(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """The objects of a JSON list file, each with the line where it starts."""
+    decoder = json.JSONDecoder()
+    pos, line, counted = text.index("[") + 1, 1, 0
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        return i
+
+    try:
+        pos = skip(pos)
+        if pos < len(text) and text[pos] == "]":
+            return
+        while True:
+            obj, end = decoder.raw_decode(text, pos)
+            line += text.count("\n", counted, pos)
+            counted = pos
+            if not isinstance(obj, dict):
+                raise MiraError(_not_an_object(obj), where=f"{path}:{line}")
+            yield line, obj
+            pos = skip(end)
+            if pos < len(text) and text[pos] == "]":
+                return
+            if pos >= len(text) or text[pos] != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            pos = skip(pos + 1)
+    except json.JSONDecodeError as e:
+        raise MiraError(f"malformed JSON: {e.msg}", where=f"{path}:{e.lineno}") from e
 
 
 class Source:
@@ -84,7 +138,11 @@ def _mapped(obj: dict, field_map: dict[str, str], where: str, default_task: str)
         key = field_map.get(field, field)
         if key in obj and obj[key] is not None:
             val = obj[key]
-            return val if isinstance(val, str) else json.dumps(val) if not isinstance(val, list) else str(val[0])
+            if isinstance(val, list):  # e.g. several reference outputs: the first one
+                if not val:
+                    raise MiraError(f"field {key!r} (for {field}) is an empty list", where=where)
+                val = val[0]
+            return val if isinstance(val, str) else json.dumps(val)
         if required:
             raise MiraError(f"missing field {key!r} (for {field})", where=where)
         return ""
@@ -100,8 +158,8 @@ class JsonSource(Source):
     name = "json"
 
     def load(self, cfg) -> list[Record]:
-        path = _need_path(cfg, "a .json or .jsonl file")
-        files = sorted(path.glob("*.json*")) if path.is_dir() else [path]
+        path = _need_path(cfg, "a .json or .jsonl file, or a folder of them", folder=True)
+        files = _files_in(path, "*.json*", ".json or .jsonl") if path.is_dir() else [path]
         out = []
         for file in files:
             for lineno, obj in iter_json_objects(file):
@@ -142,8 +200,8 @@ class NaturalInstructionsSource(Source):
     name = "natural_instructions"
 
     def load(self, cfg) -> list[Record]:
-        path = _need_path(cfg, "the natural-instructions-v1/tasks folder")
-        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        path = _need_path(cfg, "the natural-instructions-v1/tasks folder", folder=True)
+        files = _files_in(path, "*.json", ".json task") if path.is_dir() else [path]
         if cfg.tasks:
             wanted = set(cfg.tasks)
             files = [f for f in files if f.stem in wanted]
@@ -153,15 +211,17 @@ class NaturalInstructionsSource(Source):
         out = []
         for file in files:
             try:
-                obj = json.loads(file.read_text(encoding="utf-8"))
+                obj = json.loads(read_text(file, "task file", where="data.path"))
             except json.JSONDecodeError as e:
                 raise MiraError(f"malformed JSON: {e.msg}", where=f"{file}:{e.lineno}") from e
-            definition = obj.get("Definition")
-            if not isinstance(definition, str) or "Instances" not in obj:
+            definition = obj.get("Definition") if isinstance(obj, dict) else None
+            if not isinstance(definition, str) or not isinstance(obj.get("Instances"), list):
                 raise MiraError("missing field 'Definition' or 'Instances'", where=str(file))
             for i, inst in enumerate(obj["Instances"]):
-                outputs = inst.get("output") or []
-                if "input" not in inst or not outputs:
+                outputs = (inst.get("output") or []) if isinstance(inst, dict) else []
+                outputs = [outputs] if isinstance(outputs, str) else outputs
+                texts = [inst.get("input"), *outputs] if isinstance(inst, dict) and isinstance(outputs, list) else []
+                if not outputs or not all(isinstance(x, str) for x in texts) or not texts:
                     raise MiraError("instance without input or output", where=f"{file}: Instances[{i}]")
                 out.append(Record(instruction=definition.strip(), input=inst["input"], output=outputs[0],
                                   task=file.stem))

@@ -65,9 +65,12 @@ def _fmt(e: dict, key: str) -> str:
 
 def check_out(out: Path, overwrite: bool) -> bool:
     """Refuse a ``--out`` that exists and is not empty unless ``overwrite``; True when it must be replaced."""
-    from mira.io import is_empty_dir, recover_dir
+    from mira.io import clear_if_only_temp, is_empty_dir, recover_dir
+    from mira.userfiles import check_out_folder
 
+    check_out_folder(out)  # a file is never replaced by a run directory, even with --overwrite
     recover_dir(out)  # a replace that a kill interrupted: the old folder comes back first
+    clear_if_only_temp(out)  # a run killed while writing its first file left only a temp file
     partials = unfinished_partials(out)
     note = (f"; an unfinished --overwrite run is in {partials[-1]} (mira run --resume {partials[-1]} "
             f"continues it)") if partials else ""
@@ -102,16 +105,18 @@ def partial_dir(out: Path) -> Path:
     return path
 
 
-def _after_failure(out: Path, resumed: bool, existed: bool) -> None:
-    """A run stopped by an error or a signal: keep what can be resumed and say where; remove the rest.
-    A resumed run is left as it is (its folder is the one the user named)."""
+def _after_failure(out: Path, resumed: bool, existed: bool, say: bool = True) -> None:
+    """A run stopped by an error or a signal: keep what can be resumed and say where (unless not
+    ``say``: the error says it); remove the rest. A resumed run is left as it is (its folder is the
+    one the user named)."""
     from mira.federated.engine import CHECKPOINT
 
     if resumed:
         return
     if (out / CHECKPOINT).exists():
-        err_console.print(f"the unfinished run is in {out}: mira run --resume {out} continues it",
-                          highlight=False, soft_wrap=True, markup=False)
+        if say:
+            err_console.print(f"the unfinished run is in {out}: mira run --resume {out} continues it",
+                              highlight=False, soft_wrap=True, markup=False)
     elif not existed:
         shutil.rmtree(out, ignore_errors=True)
     elif out.is_dir():  # an empty --out that this run started to fill: empty it again
@@ -125,18 +130,31 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (def
             resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory"),
             overwrite: bool = typer.Option(False, "--overwrite",
                                            help="replace a non-empty --out, once the new run has finished"),
+            allow_changed: List[str] = typer.Option(
+                [], "--allow-changed", help="with --resume: accept a changed config or data field (or section) "
+                                            "that you know does not matter, e.g. eval.batch_size"),
             quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars")):
-    """Run one federated algorithm and write a run directory."""
+    """Run one federated algorithm and write a run directory.
+
+    ``--resume DIR`` continues the run with DIR's own ``config.yaml`` (and ``--set``), checked against
+    the fingerprint in its checkpoint: a field that changed (a config field, a data or model file) is
+    refused unless named in ``--allow-changed``; ``federation.rounds`` may grow."""
     from mira.config import load_config
-    from mira.federated.engine import Engine, Workspace
+    from mira.federated.engine import Engine, RunStopped, Workspace
     from mira.io import recover_dir, replace_dir
     from mira.report.progress import make_progress
 
     _setup(quiet)
     target = None  # the folder this run replaces when it finishes (--overwrite)
+    if allow_changed and resume is None:
+        raise MiraError("--allow-changed only applies to --resume", where="--allow-changed")
     if resume is not None:
         if overwrite:
             raise MiraError("--resume continues a run in place; it takes no --overwrite", where="--overwrite")
+        if config is not None or out is not None:
+            raise MiraError(f"it continues the run with its own config ({resume}/config.yaml) and takes no "
+                            f"{'CONFIG' if config is not None else '--out'} (change a field with --set, e.g. "
+                            "--set federation.rounds=20)", where="--resume")
         recover_dir(resume)
         if not (resume / "config.yaml").exists():
             raise MiraError(f"{resume} is not a mira run directory (no config.yaml)", where="--resume")
@@ -150,12 +168,19 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (def
         out = out or Path("runs") / cfg.algorithm.name
         if check_out(out, overwrite):
             target, out = out, partial_dir(out)
+    if cfg.privacy.secure_aggregation is not None:  # before loading anything (the Engine refuses it too)
+        from mira.federated.flower.secagg import refuse_in_process
+
+        refuse_in_process()
     with make_progress(quiet) as progress:
         ws = Workspace.load(cfg, progress.log)
         engine = Engine(ws, cfg, out, quiet)
         existed = out.exists()
         try:
-            summary = engine.run(resume=resume is not None, progress=progress)
+            summary = engine.run(resume=resume is not None, progress=progress, allow_changed=allow_changed)
+        except RunStopped:  # its message says what was kept and how to continue
+            _after_failure(out, resume is not None, existed, say=False)
+            raise
         except BaseException:
             _after_failure(out, resume is not None, existed)
             raise
@@ -212,8 +237,11 @@ def compare_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config 
         _print_comparison(result, resume, quiet)
         return
     cfg, _ = load_config(config, set_)
-    specs = _split_specs(algorithms or ALL_ALGORITHMS)
-    seed_list = _seed_list(seeds or "0")
+    specs = _split_specs(ALL_ALGORITHMS if algorithms is None else algorithms)
+    if not specs:
+        raise MiraError(f"no algorithm given in {algorithms!r} (e.g. -a fedit,mira; leave out -a for all of "
+                        f"{ALL_ALGORITHMS})", where="--algorithms")
+    seed_list = _seed_list("0" if seeds is None else seeds)
     with make_progress(quiet) as progress:
         result = _compare_into(cfg, specs, out, seed_list, overwrite, progress, baseline=baseline)
     _print_comparison(result, out, quiet)
@@ -264,9 +292,12 @@ def _compare_into(cfg, specs: list[str], out: Path, seeds: list[int], overwrite:
 
 
 def _split_specs(text: str) -> list[str]:
-    """Split on commas that are not inside an option list (``mira:graph=x,lambda=1`` stays whole)."""
+    """Split on commas that are not inside an option list (``mira:graph=x,lambda=1`` stays whole)
+    nor inside brackets (``flora:lora.ranks=[4,8,16]`` stays whole)."""
+    from mira.federated.compare import split_top
+
     specs: list[str] = []
-    for part in text.split(","):
+    for part in split_top(text):
         part = part.strip()
         if not part:
             continue

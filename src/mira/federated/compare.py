@@ -27,7 +27,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from mira.config import RunConfig, validate
 from mira.errors import MiraError
@@ -35,6 +34,7 @@ from mira.federated.engine import Engine, Workspace, strategy_context
 from mira.federated.strategies import get_strategy
 from mira.io import atomic_write_json, atomic_write_text
 from mira.report.progress import NullProgress
+from mira.userfiles import parse_yaml
 
 STATE = "comparison.json"
 TIE = 1e-3  # |difference in local test loss| below this is a tie
@@ -42,30 +42,59 @@ _TOTALS = ("before", "after", "dropped", "input_truncated", "response_truncated"
            "prompt_intact_fraction")
 
 
+LORA_OPTIONS = ("ranks", "rank_by")  # ``lora.<key>`` options a spec may set (the model's slot is shared)
+
+
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at ``sep`` outside brackets and braces: ``"a=[1,2],b=3"`` -> ``["a=[1,2]", "b=3"]``."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _show(v) -> str:
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+
 def parse_spec(spec: str) -> tuple[str, str, dict]:
-    """``"mira:graph=similarity,lambda=1"`` -> (label, name, options)."""
+    """``"mira:graph=similarity,lambda=1"`` -> (label, name, options). ``lora.ranks=[4,8,16]`` and
+    ``lora.rank_by=...`` set that run's per-client LoRA ranks (``config_for``)."""
     name, _, rest = spec.strip().partition(":")
     opts = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, split_top(rest)):
         if "=" not in item:
             raise MiraError(f"algorithm option {item!r} must be key=value", where=f"--algorithms {spec}")
         k, v = item.split("=", 1)
-        opts[k.strip()] = yaml.safe_load(v)
+        k = k.strip()
+        if k.startswith("lora.") and k[5:] not in LORA_OPTIONS:
+            raise MiraError(f"{k} cannot differ between compared algorithms (they share the model); only "
+                            f"{', '.join('lora.' + o for o in LORA_OPTIONS)} can", where=f"--algorithms {spec}")
+        opts[k] = parse_yaml(v)
     get_strategy(name)
-    label = name if not opts else f"{name}({','.join(f'{k}={v}' for k, v in opts.items())})"
+    label = name if not opts else f"{name}({','.join(f'{k}={_show(v)}' for k, v in opts.items())})"
     return label, name, opts
 
 
-def config_for(cfg: RunConfig, name: str, opts: dict, seed: int, vary_data: bool = True) -> RunConfig:
+def config_for(cfg: RunConfig, name: str, opts: dict, seed: int, vary_data: bool = True,
+               source: str = "--algorithms") -> RunConfig:
     raw = cfg.model_dump(mode="json")
     cls = get_strategy(name)
     accepted = set(cls.Params.model_fields) | {f.alias for f in cls.Params.model_fields.values() if f.alias}
     base_opts = {k: v for k, v in cfg.algorithm.params().items() if k in accepted}
-    raw["algorithm"] = {"name": name, **base_opts, **opts}
+    lora = {k[5:]: v for k, v in opts.items() if k.startswith("lora.")}
+    raw["lora"].update(lora)
+    raw["algorithm"] = {"name": name, **base_opts, **{k: v for k, v in opts.items() if not k.startswith("lora.")}}
     raw["seed"] = seed
     if vary_data:  # each seed also draws its own data sample and split, so the spread covers the data
         raw["data"]["seed"] = cfg.data.seed + seed
-    return validate(raw)
+    return validate(raw, source)
 
 
 def default_baseline(labels: list[str], baseline: str | None) -> str | None:
@@ -85,6 +114,7 @@ def preflight(cfgs: list[tuple[str, RunConfig]]) -> None:
     examples for a test or validation split) is refused here too."""
     from mira.data.partition import partition
     from mira.data.records import load_records
+    from mira.privacy.base import check_privacy
 
     sizes: dict[str, list[int]] = {}
     for where, cfg in cfgs:
@@ -97,6 +127,7 @@ def preflight(cfgs: list[tuple[str, RunConfig]]) -> None:
         params = cls.parse_params(cfg.algorithm.params())
         try:
             cls.check_setup(params, strategy_context(cfg, sizes[key]))
+            check_privacy(cfg, cls, sizes[key])
         except MiraError as e:
             raise MiraError(str(e), where=where) from None
 

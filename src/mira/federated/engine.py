@@ -6,13 +6,17 @@ the one frozen base model with its LoRA slot, and the tokenised splits.
 
 1. sample ``max(1, round(fraction*K))`` clients uniformly without replacement;
 2. for each, serialise what the strategy sends (``WireCodec``), train locally
-   (``client_fit``), serialise the upload; updates with NaN/Inf are rejected and logged;
+   (``client_fit``), serialise the upload; updates with NaN/Inf are rejected and logged (when
+   every update of a round is, the training has diverged: the run stops, ``RunStopped``, its last
+   checkpoint kept);
 3. ``strategy.aggregate_fit``;
 4. evaluate every ``eval.every`` rounds and at the end: each client's adapter on its own
    test split (``local_loss``), on the union of all test splits (``global_loss``) and, with
    ``partition.val_fraction > 0``, on its own validation split (``val_loss``, carved from its
    training data: what model selection such as ``mira tune`` may look at; test losses never);
-5. checkpoint the server state atomically.
+5. checkpoint the server state atomically, with the run's fingerprint (``mira.federated.fingerprint``:
+   what its result depends on), which ``--resume`` checks before it continues (``check_resume``).
+   A full disk stops the run in one line (``RunStopped``), the last checkpoint intact.
 
 Each round's entry in ``rounds.json`` also holds every client's mean training (task) loss
 (``train_loss``; FedProx's proximal term apart, ``prox_term``) and, for strategies with a task
@@ -32,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +50,7 @@ from mira.errors import MiraError
 from mira.eval.metrics import eval_loss, generate, generation_metrics
 from mira.federated.client import client_fit
 from mira.federated.strategies import FitRes, Strategy, StrategyContext, get_strategy
+from mira.federated.strategies.ranks import client_ranks
 from mira.federated.wire import WireCodec
 from mira.io import atomic_save_npy, atomic_torch_save, atomic_write_json, atomic_write_text, clean_temp
 from mira.models.adapters import AdapterSlot, all_finite, lora_settings_to_peft
@@ -55,6 +60,31 @@ from mira.train.trainer import LocalTrainer, TrainSettings
 
 log = logging.getLogger("mira")
 CHECKPOINT = "checkpoint.pt"
+
+
+class RunStopped(MiraError):
+    """The run cannot go on (every update of a round rejected, a full disk); the message says what
+    happened, what was kept and how to continue."""
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def disk_full(e: BaseException) -> bool:
+    """``e`` (or what caused it) is a full disk or quota: ``ENOSPC``/``EDQUOT``, also as the text that
+    writers such as safetensors make of it."""
+    import errno
+
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(x)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+    return False
 
 
 _NDARRAY = "__ndarray__"
@@ -151,11 +181,18 @@ def strategy_context(cfg: RunConfig, n_train: list[int], keys: list[str] | None 
     steps = [settings.num_steps(n) for n in n_train]
     return StrategyContext(num_clients=len(n_train), n_train=list(n_train), lr=cfg.federation.lr,
                            local_steps=int(round(float(np.mean(steps)))) if steps else 1, seed=cfg.seed,
-                           keys=list(keys or []), rounds=cfg.federation.rounds)
+                           keys=list(keys or []), rounds=cfg.federation.rounds,
+                           ranks=client_ranks(cfg.lora.ranks, cfg.lora.rank_by, n_train), lora_alpha=cfg.lora.alpha)
 
 
 class Engine:
+    secure_aggregation = False  # privacy.secure_aggregation needs the Flower runtime (FlowerEngine sets this)
+
     def __init__(self, ws: Workspace, cfg: RunConfig, out_dir: str | Path, quiet: bool = False):
+        if cfg.privacy.secure_aggregation is not None and not self.secure_aggregation:
+            from mira.federated.flower.secagg import refuse_in_process
+
+            refuse_in_process()
         self.ws, self.cfg, self.out = ws, cfg, Path(out_dir)
         self.quiet = quiet
         self.k = len(ws.clients)
@@ -163,8 +200,24 @@ class Engine:
         self.params = cls.parse_params(cfg.algorithm.params())
         self.trainer = LocalTrainer(ws.slot, ws.tokenizer.pad_token_id, train_settings(cfg))
         ctx = strategy_context(cfg, [len(d) for d in ws.train], ws.slot.keys())
+        self.ranks = ctx.ranks  # per-client LoRA ranks (lora.ranks); None: every client has the slot's rank
+        self._by_rank: dict[int, tuple] = {}
+        if self.ranks:
+            ctx.inits = {r: ws.slot.for_rank(r).initial_state for r in sorted(set(self.ranks))}
         self.strategy: Strategy = cls(self.params, ctx, ws.slot.initial_state)
         self.codec = WireCodec(ws.slot.initial_state, cfg.federation.wire_dtype)
+        self.privacy = self.dpsgd = None  # differential privacy (mira.privacy; imported only when asked for)
+        if cfg.privacy.enabled:
+            from mira.privacy.base import build_client_mechanism
+            from mira.privacy.dp_sgd import build_sample_mechanism
+
+            rounds = self.strategy.num_rounds(cfg.federation.rounds)
+            self.privacy = build_client_mechanism(cfg, cls, num_clients=self.k, fraction=cfg.federation.fraction,
+                                                  rounds=rounds, seed=cfg.seed)
+            self.dpsgd = build_sample_mechanism(cfg, cls, [len(d) for d in ws.train], rounds=rounds)
+        if self.dpsgd is not None:
+            self.trainer.settings.dp_noise_multiplier = self.dpsgd.z
+            self.trainer.settings.dp_max_grad_norm = cfg.privacy.sample.max_grad_norm
         self.per_round = max(1, int(round(cfg.federation.fraction * self.k)))
         if self.per_round < cfg.federation.min_clients:
             raise MiraError(f"fraction {cfg.federation.fraction} samples {self.per_round} clients per round, "
@@ -177,20 +230,80 @@ class Engine:
         self.bytes_up = self.bytes_down = 0
         self.wall = 0.0
         self.rejected: list[dict] = []
+        self.fingerprint: dict = {}
+        self.changes: list[dict] = []  # fingerprint fields changed on a resume (federation.rounds, --allow-changed)
+        self.saved_round = 0  # the round of the checkpoint on disk
 
     # -- setup / resume --------------------------------------------------------------
-    def resolved_config(self) -> str:
+    def resolved_dict(self) -> dict:
         raw = self.cfg.model_dump(mode="json")
         raw["algorithm"] = {"name": self.cfg.algorithm.name, **self.params.model_dump(mode="json", by_alias=True)}
+        return raw
+
+    def resolved_config(self) -> str:
         import yaml
 
-        return yaml.safe_dump(raw, sort_keys=False)
+        return yaml.safe_dump(self.resolved_dict(), sort_keys=False)
+
+    def make_fingerprint(self) -> dict:
+        """What this run's result depends on (``mira.federated.fingerprint``)."""
+        from mira.federated.fingerprint import fingerprint
+
+        shapes = {k: list(v.shape) for k, v in self.ws.slot.initial_state.items()}
+        if getattr(self, "ranks", None):  # lora.ranks: each client's adapter has its own rank
+            shapes["(client ranks)"] = list(self.ranks)
+        return fingerprint(self.resolved_dict(), self.ws.clients, shapes)
+
+    def rounds_may_change(self) -> bool:
+        """Whether ``federation.rounds`` may change on resume: not when the strategy's schedule or a
+        privacy accountant depends on it."""
+        private = getattr(self, "privacy", None) is not None or getattr(self, "dpsgd", None) is not None
+        return self.strategy.rounds_extendable and not private
+
+    def write_identity(self) -> None:
+        """``config.yaml`` (first: it marks a run directory) and ``fingerprint.json``."""
+        atomic_write_text(self.out / "config.yaml", self.resolved_config())
+        atomic_write_json(self.out / "fingerprint.json", {"fingerprint": self.fingerprint, "changes": self.changes})
+
+    def check_resume(self, state: dict, allow_changed: Sequence[str] = ()) -> list[str]:
+        """Refuse to continue ``state`` with a config or data it was not made with (one line naming the
+        field), except ``federation.rounds`` (see ``rounds_may_change``) and the fields in ``allow_changed``;
+        the changed fields that were accepted."""
+        from mira.federated import fingerprint as fp
+
+        fp.check_allowed(allow_changed, self.fingerprint)
+        stored, done = state.get("fingerprint"), state["round"]
+        self.changes = list(state.get("fingerprint_changes") or [])
+        if not isinstance(stored, dict):
+            log.warning("%s has no fingerprint (written by an older mira): its config and data are not checked "
+                        "against the run's", self.out / CHECKPOINT)
+            return []
+        safe = ("federation.rounds",) if self.rounds_may_change() else ()
+        refused, accepted = fp.compare(stored, self.fingerprint, [*allow_changed, *safe])
+        if refused:
+            raise MiraError(fp.mismatch_message(self.out, stored, self.fingerprint, refused), where="--resume")
+        rounds = self.strategy.num_rounds(self.cfg.federation.rounds)
+        if done > rounds:
+            raise MiraError(f"{self.out} has run {done} rounds; federation.rounds={self.cfg.federation.rounds} "
+                            f"would undo some (set it to {done} or more)", where="--resume")
+        for field in accepted:
+            was, now = stored.get(field), self.fingerprint.get(field)
+            if field == "federation.rounds":
+                log.info("federation.rounds was %s, now %s: continuing from round %d to round %d", was, now, done, rounds)
+            else:
+                log.warning("--resume: %s was %s, now %s: accepted (--allow-changed)", field, was, now)
+            self.changes.append({"round": done, "field": field, "was": was, "now": now})
+        if accepted:
+            self.write_identity()
+        return accepted
 
     def state(self) -> dict:
         return {"round": self.round, "strategy": self.strategy.state_dict(), "rows": self.rows,
                 "rounds_log": self.rounds_log, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "wall": self.wall, "rejected": self.rejected,
-                "rng": {"scheme": "numpy SeedSequence([seed, round, client])", "seed": self.cfg.seed}}
+                "rng": {"scheme": "numpy SeedSequence([seed, round, client])", "seed": self.cfg.seed},
+                **({"privacy": self.privacy.state_dict()} if self.privacy is not None else {}),
+                **({"dp_sgd": self.dpsgd.state_dict()} if self.dpsgd is not None else {})}
 
     def load_state(self, s: dict) -> None:
         try:
@@ -199,23 +312,46 @@ class Engine:
             self.rows, self.rounds_log = s["rows"], s["rounds_log"]
             self.bytes_up, self.bytes_down, self.wall = s["bytes_up"], s["bytes_down"], s["wall"]
             self.rejected = s["rejected"]
+            if self.privacy is not None:
+                self.privacy.load_state_dict(s["privacy"])
+            if self.dpsgd is not None:
+                self.dpsgd.load_state_dict(s["dp_sgd"])
         except (KeyError, TypeError, AttributeError) as e:
             raise MiraError(f"{self.out / CHECKPOINT} does not hold a {self.cfg.algorithm.name} run's state "
                             f"({type(e).__name__}: {e})", where="--resume") from None
 
     def checkpoint(self) -> None:
-        atomic_torch_save(self.out / CHECKPOINT, to_checkpoint(self.state()))
+        identity = {"fingerprint": self.fingerprint, "fingerprint_changes": self.changes}
+        atomic_torch_save(self.out / CHECKPOINT, to_checkpoint({**self.state(), **identity}))
+        self.saved_round = self.round
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     # -- one round --------------------------------------------------------------------
     def sample(self, rnd: int) -> list[int]:
         rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, 1_000_003))
         sampled = sorted(rng.choice(self.k, size=self.per_round, replace=False).tolist())
+        own = self.privacy.sample(rnd, self.k) if self.privacy is not None else None
+        if own is not None:  # central DP: Poisson sampling, as its accountant assumes
+            sampled = own
         return sorted(self.strategy.select_clients(rnd, sampled))  # e.g. fedit_ft's last round: every client
 
-    def _transfer(self, state, keys) -> tuple[dict, int]:
-        buf = self.codec.encode(state, keys)
-        return self.codec.decode(buf, keys), len(buf)
+    def _transfer(self, state, keys, codec: WireCodec | None = None) -> tuple[dict, int]:
+        codec = codec or self.codec
+        buf = codec.encode(state, keys)
+        return codec.decode(buf, keys), len(buf)
+
+    def _client(self, cid: int) -> tuple[AdapterSlot, LocalTrainer, WireCodec]:
+        """The slot (made active), trainer and wire codec of client ``cid``'s LoRA rank: the workspace's
+        own without ``lora.ranks``, else those of a PEFT adapter of its rank on the same model."""
+        if not self.ranks:
+            return self.ws.slot.activate(), self.trainer, self.codec
+        r = self.ranks[cid]
+        if r not in self._by_rank:
+            slot = self.ws.slot.for_rank(r)
+            self._by_rank[r] = (slot, LocalTrainer(slot, self.ws.tokenizer.pad_token_id, self.trainer.settings),
+                                WireCodec(slot.initial_state, self.cfg.federation.wire_dtype))
+        slot, trainer, codec = self._by_rank[r]
+        return slot.activate(), trainer, codec
 
     def run_round(self, rnd: int, progress: NullProgress) -> dict:
         t0 = time.perf_counter()
@@ -225,10 +361,12 @@ class Engine:
         step_time, tokens, n_steps, rejected = 0.0, 0, 0, []
         train_loss: dict[str, float] = {}
         prox_term: dict[str, float] = {}
+        client_bytes: dict[str, list[int]] = {}  # with lora.ranks: per client [bytes up, bytes down]
         if self.strategy.pooled:
             steps = sum(self.trainer.settings.num_steps(len(self.ws.train[c])) for c in sampled)
             ins = self.strategy.configure_fit(0)
-            adapter, res = client_fit(self.ws.slot, self.trainer, self.pooled, ins, derive_seed(self.cfg.seed, rnd, 0), steps)
+            adapter, res = client_fit(self.ws.slot.activate(), self.trainer, self.pooled, ins,
+                                      derive_seed(self.cfg.seed, rnd, 0), steps)
             step_time, tokens, n_steps = res.step_time_s, res.tokens, res.steps
             if not all_finite(adapter):  # as for a client's update: rejected, the previous adapter is kept
                 log.warning("round %d: the pooled update has NaN/Inf values; update rejected", rnd)
@@ -241,18 +379,27 @@ class Engine:
         else:
             for cid in sampled:
                 ins = self.strategy.configure_fit(cid)
+                slot, trainer, codec = self._client(cid)
                 if self.strategy.exchanges:
-                    down, nbytes = self._transfer(ins.adapter, keys)
+                    down, nbytes = self._transfer(ins.adapter, keys, codec)
                     self.bytes_down += nbytes
+                    if self.ranks:
+                        client_bytes.setdefault(str(cid), [0, 0])[1] += nbytes
                     ins.adapter = down
-                adapter, res = client_fit(self.ws.slot, self.trainer, self.ws.train[cid], ins,
+                adapter, res = client_fit(slot, trainer, self.ws.train[cid], ins,
                                           derive_seed(self.cfg.seed, rnd, cid))
+                if self.dpsgd is not None:
+                    self.dpsgd.steps[cid] += res.steps
+                if self.privacy is not None:  # on the client, before the upload leaves it (local DP)
+                    adapter = self.privacy.client_upload(rnd, cid, ins.adapter, adapter, keys)
                 step_time += res.step_time_s
                 tokens += res.tokens
                 n_steps += res.steps
                 if self.strategy.exchanges:
-                    adapter, nbytes = self._transfer(adapter, keys)
+                    adapter, nbytes = self._transfer(adapter, keys, codec)
                     self.bytes_up += nbytes
+                    if self.ranks:
+                        client_bytes.setdefault(str(cid), [0, 0])[0] += nbytes
                 if not all_finite(adapter):
                     log.warning("round %d: client %d sent NaN/Inf values; update rejected", rnd, cid)
                     rejected.append(cid)
@@ -265,12 +412,24 @@ class Engine:
                     results[cid] = FitRes(adapter, len(self.ws.train[cid]), metrics)
                     train_loss[str(cid)] = res.loss
                 progress.client_done()
+        if rejected and not results:  # every update diverged: nothing to aggregate, and the next round would too
+            who = "the pooled update" if self.strategy.pooled else f"client(s) {', '.join(map(str, rejected))}"
+            raise RunStopped(f"round {rnd}: every update had NaN/Inf values ({who}), the training diverged and the "
+                             "run stopped; " + self.kept(
+                                 f"continue with a smaller learning rate: mira run --resume {self.out} "
+                                 "--set federation.lr=... --allow-changed federation.lr"))
+        dp_info = {}
+        if self.privacy is not None:  # on the server, before the strategy (central DP: one private mean)
+            start = {k: v for k, v in self.strategy.configure_fit(0).adapter.items() if k in keys}
+            results, dp_info = self.privacy.server_aggregate(rnd, results, start, keys)
         # a pooled update that was rejected leaves the strategy as it was (nothing to aggregate)
         info = self.strategy.aggregate_fit(rnd, results) if results or not self.strategy.pooled else {}
+        info = {**info, **dp_info}
         round_time = time.perf_counter() - t0
         entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": round_time,
                  "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps,
-                 "train_loss": train_loss, **({"prox_term": prox_term} if prox_term else {}), **info}
+                 "train_loss": train_loss, **({"prox_term": prox_term} if prox_term else {}),
+                 **({"client_bytes": client_bytes} if client_bytes else {}), **info}
         graphs = getattr(self.strategy, "graphs", None)
         if graphs:
             atomic_save_npy(self.out / "graphs" / f"round_{rnd:04d}.npy", graphs[-1])
@@ -283,7 +442,7 @@ class Engine:
         rows, global_cache = [], {}
         for c in ws.clients:
             adapter = self.strategy.adapter_for(c.id)
-            ws.slot.set(adapter)
+            self._client(c.id)[0].set(adapter)
             local, _ = self.test_loss(ws.test[c.id])
             if id(adapter) not in global_cache:
                 global_cache[id(adapter)] = self.test_loss(ws.global_test)[0]
@@ -297,6 +456,7 @@ class Engine:
                 refs = [r.output for r in ws.test[c.id].records[: len(preds)]]
                 row.update(generation_metrics(preds, refs))
             rows.append(row)
+        ws.slot.activate()
         return rows
 
     def test_loss(self, ds: TokenizedDataset) -> tuple[float, int]:
@@ -315,17 +475,40 @@ class Engine:
         return task_auc(graphs[-1], [c.task for c in self.ws.clients])
 
     # -- the run ------------------------------------------------------------------------
-    def run(self, resume: bool = False, progress: NullProgress | None = None) -> dict:
-        progress = progress or NullProgress()
+    def run(self, resume: bool = False, progress: NullProgress | None = None, allow_changed: Sequence[str] = ()) -> dict:
+        """Run (or, with ``resume``, continue: ``check_resume``) to the last round, then ``finish``. A full
+        disk stops it with one line (``RunStopped``); the last checkpoint is intact."""
+        try:
+            return self._run(resume, progress or NullProgress(), allow_changed)
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            name = next((x.filename for x in _chain(e) if getattr(x, "filename", None)), None) or self.out
+            raise RunStopped(f"no space left on device (writing {name}); " + self.kept(
+                f"free some space, then mira run --resume {self.out} continues it")) from None
+
+    def kept(self, then: str) -> str:
+        """What a stopped run leaves: its last checkpoint, and what to do next."""
+        if self.saved_round > 0:
+            return f"the checkpoint of round {self.saved_round} is intact: {then}"
+        return "no round had finished, so there is nothing to resume"
+
+    def _run(self, resume: bool, progress: NullProgress, allow_changed: Sequence[str]) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         clean_temp(self.out)  # temp files of atomic writes that a kill interrupted
         ck = self.out / CHECKPOINT
+        self.fingerprint = self.make_fingerprint()
         if resume and ck.exists():
-            self.load_state(load_checkpoint(ck))
-        elif resume and (self.out / "config.yaml").exists():
-            log.info("no checkpoint in %s (killed before round 1 ended): starting from round 0", self.out)
+            state = load_checkpoint(ck)
+            changed = self.check_resume(state, allow_changed)  # before load_state: another algorithm's would not fit
+            self.load_state(state)
+            self.saved_round = self.round
+            if changed:
+                self.checkpoint()  # the run is now the changed one, even if no round is left to run
         else:
-            atomic_write_text(self.out / "config.yaml", self.resolved_config())
+            if resume and (self.out / "config.yaml").exists():
+                log.info("no checkpoint in %s (killed before round 1 ended): starting from round 0", self.out)
+            self.write_identity()
         rounds = self.strategy.num_rounds(self.cfg.federation.rounds)
         every = self.cfg.eval.every
         progress.start_rounds(self.cfg.algorithm.name, rounds, self.round)
@@ -347,11 +530,27 @@ class Engine:
             progress.round_done()
         return self.finish()
 
+    def _rank_summary(self, summary: dict, keys: list[str]) -> None:
+        """With ``lora.ranks``: each client's rank, adapter size and serialised bytes up and down."""
+        sent: dict[int, list[int]] = {c.id: [0, 0] for c in self.ws.clients}
+        for e in self.rounds_log:
+            for cid, (up, down) in e.get("client_bytes", {}).items():
+                sent[int(cid)][0] += up
+                sent[int(cid)][1] += down
+        summary["lora_ranks"] = list(self.ranks)
+        for row in summary["clients"]:
+            cid = row["id"]
+            row.update(rank=self.ranks[cid], adapter_bytes=self._client(cid)[2].raw_bytes(keys),
+                       bytes_up=sent[cid][0], bytes_down=sent[cid][1])
+        self.ws.slot.activate()
+
     def finish(self) -> dict:
         ws = self.ws
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
         last = [r for r in self.rows if r["round"] == self.round]
         for c in ws.clients:
-            ws.slot.save(self.strategy.adapter_for(c.id), self.out / "adapters" / f"client_{c.id}")
+            self._client(c.id)[0].save(self.strategy.adapter_for(c.id), self.out / "adapters" / f"client_{c.id}")
+        ws.slot.activate()
         graphs = getattr(self.strategy, "graphs", None)
         if graphs:
             atomic_save_npy(self.out / "graph.npy", graphs[-1])
@@ -377,6 +576,11 @@ class Engine:
             "train_steps": int(sum(e["train_steps"] for e in self.rounds_log)),
             "data": data_summary(ws.data_report, self.cfg.data, ws.tokenizer),
         }
+        if self.privacy is not None or self.dpsgd is not None:
+            summary["privacy"] = {**({"client": self.privacy.report()} if self.privacy is not None else {}),
+                                  **({"sample": self.dpsgd.report()} if self.dpsgd is not None else {})}
+        if self.ranks:
+            self._rank_summary(summary, keys)
         for key in ("val_loss", "rouge_l", "exact_match"):
             if last and key in last[0]:
                 summary[f"mean_{key}"] = float(np.mean([r[key] for r in last]))

@@ -37,6 +37,7 @@ from mira.errors import MiraError
 from mira.federated.compare import ci95, config_for, parse_spec, preflight
 from mira.io import atomic_write_json, atomic_write_text
 from mira.report.progress import NullProgress
+from mira.userfiles import parse_yaml
 
 DEFAULT_VAL_FRACTION = 0.2
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -66,7 +67,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
         if any(key == k for k, _ in grid):
             raise MiraError(f"{key} appears twice", where="--grid")
         try:
-            values = yaml.safe_load(text)
+            values = parse_yaml(text)
         except yaml.YAMLError:
             raise MiraError(f"cannot read the values of {key}: {text!r}", where="--grid") from None
         values = values if isinstance(values, list) else [values]
@@ -104,7 +105,7 @@ def point_config(cfg: RunConfig, name: str, opts: dict, point: dict, seed: int, 
             algo[key[len("algorithm."):]] = value
         else:
             _set(raw, key, copy.deepcopy(value))
-    return config_for(validate(raw, "--grid"), name, algo, seed, vary_data)
+    return config_for(validate(raw, "--grid"), name, algo, seed, vary_data, source="--grid")
 
 
 def set_value(v) -> str:

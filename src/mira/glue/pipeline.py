@@ -99,6 +99,9 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
     out = Path(out_dir)
     from mira.io import is_empty_dir, recover_dir
 
+    from mira.userfiles import check_out_folder
+
+    check_out_folder(out)  # a file is never replaced, even with --overwrite
     recover_dir(out)  # an interrupted --overwrite's old folder first, as `mira merge` does
     if not is_empty_dir(out) and not overwrite:
         raise MiraError(f"{out} exists and is not empty (use --overwrite)", where="--out")

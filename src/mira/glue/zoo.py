@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mira.errors import MiraError
+from mira.userfiles import pydantic_message, read_text, read_yaml
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # as the run config: no silent coercion, every float finite
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class MemberSpec(_Strict):
@@ -101,31 +102,30 @@ def load_zoo(source: str | os.PathLike | dict) -> tuple[ZooSpec, Path]:
     """Parse a zoo file (or dict); return the spec and the folder relative paths resolve against."""
     from mira.config import _expand
 
+    at = ""  # the zoo file, before the field of an error
     if isinstance(source, dict):
         raw, root = source, Path.cwd()
     else:
         p = Path(source)
-        if not p.is_file():
+        if not p.exists():
             raise MiraError(f"zoo file not found: {source}", where="zoo")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MiraError(f"malformed YAML: {str(e).splitlines()[0]}", where=str(p)) from e
+        raw = read_yaml(p, "zoo file") or {}
         root = p.resolve().parent
+        at = f"{p}: "
     if not isinstance(raw, dict):
-        raise MiraError("a zoo file is a mapping (base_model, members, validation, ...)", where="zoo")
+        raise MiraError("a zoo file is a mapping (base_model, members, validation, ...)", where=at[:-2] or "zoo")
     raw = _expand(raw, "")
     try:
         spec = ZooSpec.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "zoo"
-        raise MiraError(err["msg"], where=where) from e
+        raise MiraError(pydantic_message(err), where=at + where) from None
     if not spec.members and not spec.run:
-        raise MiraError("list the zoo's members (members: [...]) or a run folder (run: DIR)", where="members")
+        raise MiraError("list the zoo's members (members: [...]) or a run folder (run: DIR)", where=at + "members")
     for name, es in (("validation", spec.validation), ("test", spec.test)):
         if es is not None and (es.path is None) == (es.data is None):
-            raise MiraError("give exactly one of path (a JSONL file) or data (a source spec)", where=name)
+            raise MiraError("give exactly one of path (a JSONL file) or data (a source spec)", where=at + name)
     return spec, root
 
 
@@ -162,24 +162,35 @@ def _read_tensors(folder: Path, where: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
-    if files:
-        out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(str(f)))
-        return out
     bins = sorted(folder.glob("*.bin"))
-    if bins:
-        out = {}
-        for f in bins:
-            out.update(torch.load(f, map_location="cpu", weights_only=True))
-        return out
-    raise MiraError(f"{folder} has no weights (*.safetensors or *.bin)", where=where)
+    if not files and not bins:
+        raise MiraError(f"{folder} has no weights (*.safetensors or *.bin)", where=where)
+    out: dict[str, torch.Tensor] = {}
+    for f in files or bins:
+        try:
+            out.update(load_file(str(f)) if files else torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # SafetensorError, UnpicklingError, RuntimeError (bad zip), EOFError: a broken file
+            if isinstance(e, MiraError):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise MiraError(f"cannot read {f} (empty, truncated or corrupt): {first}", where=where) from None
+    return out
+
+
+def _read_json(path: Path, where: str) -> dict:
+    try:
+        data = json.loads(read_text(path, "JSON file"))
+    except json.JSONDecodeError as e:
+        raise MiraError(f"malformed JSON: {e.msg}", where=f"{path}:{e.lineno}") from None
+    if not isinstance(data, dict):
+        raise MiraError(f"{path} is not a JSON object", where=where)
+    return data
 
 
 def _model_type(folder: Path) -> str:
     cfg = folder / "config.json"
     if cfg.exists():
-        return str(json.loads(cfg.read_text()).get("model_type", ""))
+        return str(_read_json(cfg, "base_model").get("model_type", ""))
     return ""
 
 
@@ -217,7 +228,7 @@ def load_members(spec: ZooSpec, root: Path) -> tuple[list[Member], Path | None]:
             name = f"{name}#{i}"
         names.add(name)
         if (folder / "adapter_config.json").exists():
-            cfg = json.loads((folder / "adapter_config.json").read_text())
+            cfg = _read_json(folder / "adapter_config.json", where)
             if cfg.get("peft_type", "LORA") != "LORA":
                 raise MiraError(f"only LoRA adapters are supported, not {cfg.get('peft_type')}", where=where)
             if base is None:
@@ -229,7 +240,7 @@ def load_members(spec: ZooSpec, root: Path) -> tuple[list[Member], Path | None]:
                                   _model_type(base) + f"+lora(r={cfg.get('r')})", cfg))
         elif (folder / "config.json").exists():
             members.append(Member(name, folder, "model", _read_tensors(folder, where), m.task, _model_type(folder),
-                                  json.loads((folder / "config.json").read_text())))
+                                  _read_json(folder / "config.json", where)))
         else:
             raise MiraError(f"{m.path} is neither a PEFT adapter nor a Hugging Face model folder", where=where)
     if not members:

@@ -41,6 +41,7 @@ from mira.merge import lora
 from mira.merge.checkpoint import ADAPTER_CONFIG, MODEL_CONFIG, Checkpoint, ShardedWriter, TensorSpec, copy_side_files
 from mira.merge.recipe import MergeRecipe, load_recipe
 from mira.merge.registry import LazyTensors, MergeMethod, MergeParams, get_method, weighted_sum
+from mira.userfiles import check_out_folder
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike, out_dir: 
 
 
 def _check_output_folder(out: Path, job: _Job, overwrite: bool) -> None:
+    check_out_folder(out)  # a file is never replaced by a merge, even with --overwrite
     inputs = [Path(e.model) for e in job.recipe.models] + [m.path for m in job.models]
     inputs += [Path(job.recipe.base_model)] if job.recipe.base_model else []
     inputs += [job.base.path] if job.base else []
@@ -252,6 +254,7 @@ class _Job:
             for other in self.models[1:] + ([self.base] if self.base else []):
                 _check_same_architecture(reference, other)
                 _check_same_tensors(reference, other, shapes=True)
+                _check_same_config(reference, other)
             return
         for adapter in self.models:
             if adapter.config.get("peft_type", "LORA") != "LORA":
@@ -470,11 +473,26 @@ def _describe(kind: str) -> str:
     return "LoRA adapter" if kind == "adapter" else "full model"
 
 
+# config.json fields that fix the shapes and the meaning of the weights: two models whose tensors have the
+# same names and shapes can still differ here (e.g. 4 heads of 8 or 8 heads of 4), and their merge is noise
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "vocab_size", "tie_word_embeddings", "n_embd", "n_head", "n_layer", "d_model")
+
+
 def _check_same_architecture(reference: Checkpoint, other: Checkpoint) -> None:
     for key in ("model_type", "architectures"):
         if reference.config.get(key) != other.config.get(key):
             raise MiraError(f"{other.path} has {key} {other.config.get(key)!r} but {reference.where} has "
                             f"{reference.config.get(key)!r}; models of one architecture only", where=other.where)
+
+
+def _check_same_config(reference: Checkpoint, other: Checkpoint) -> None:
+    """After the tensors: the same names and shapes, but a config that reads them differently."""
+    for key in _SHAPE_KEYS:
+        if key in reference.config and key in other.config and reference.config[key] != other.config[key]:
+            raise MiraError(f"{other.path} has {key} {other.config[key]!r} but {reference.where} has "
+                            f"{reference.config[key]!r}: the same tensors mean different things, their merge "
+                            "would be noise", where=other.where)
 
 
 def _check_same_tensors(reference: Checkpoint, other: Checkpoint, shapes: bool) -> None:

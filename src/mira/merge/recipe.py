@@ -21,12 +21,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mira.errors import MiraError
+from mira.userfiles import read_yaml
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+# no silent coercion (``true`` is not a weight, ``"0.5"`` is not a density; an int is a valid float), and
+# every number finite: a ``nan`` weight would write a model of nans
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _check_density(value: float | None) -> float | None:
@@ -38,7 +41,7 @@ def _check_density(value: float | None) -> float | None:
 class ModelParameters(BaseModel):
     """Per-model parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     weight: float = 1.0
     """Weight of the model in the merge (not used by slerp)."""
@@ -54,7 +57,7 @@ class ModelParameters(BaseModel):
 class ModelEntry(BaseModel):
     """One input: a model or adapter folder and its parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     model: str
     parameters: ModelParameters = Field(default_factory=ModelParameters)
@@ -74,7 +77,7 @@ class ModelEntry(BaseModel):
 class MergeParameters(BaseModel):
     """Global parameters; each method reads the ones it needs (see ``mira.merge.methods``)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(**_STRICT, populate_by_name=True)
 
     lambda_: float = Field(1.0, alias="lambda")
     """Scale of the merged task vector (task_arithmetic, ties, dare)."""
@@ -128,7 +131,7 @@ class MergeParameters(BaseModel):
 class MergeRecipe(BaseModel):
     """A whole merge: method, inputs, optional base, output dtype and global parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     merge_method: str
     models: list[ModelEntry] = Field(min_length=1)
@@ -186,10 +189,10 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 def _validation_error(err: ValidationError, where: str | None) -> MiraError:
     first = err.errors()[0]
-    message = first["msg"].removeprefix("Value error, ")
+    from mira.userfiles import pydantic_message
+
+    message = pydantic_message(first)
     loc = _format_loc(first["loc"])
-    if first["type"] == "extra_forbidden":
-        message = "unknown field"
     more = len(err.errors()) - 1
     if more:
         message += f" (and {more} more problem{'s' if more > 1 else ''})"
@@ -205,12 +208,9 @@ def load_recipe(source: MergeRecipe | Mapping[str, Any] | str | os.PathLike) -> 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         where = str(path)
-        if not path.is_file():
+        if not path.exists():
             raise MiraError("recipe file not found", where=where)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise MiraError(f"not valid YAML: {str(e).splitlines()[0]}", where=where) from e
+        data = read_yaml(path, "recipe file")
     else:
         data = source
     if not isinstance(data, Mapping):

@@ -7,6 +7,7 @@ out of its LoRA parameters, so any number of clients share one base in memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,13 @@ class AdapterSlot:
 
     ``attach`` wraps the frozen base with a LoRA adapter initialised from ``seed``;
     that initialisation is the same for every client (``initial_state``).
+
+    **Other ranks** (``lora.ranks``): ``for_rank(r)`` adds to the same PEFT model a second named
+    adapter of rank ``r`` (same config otherwise, so PEFT's scale is ``alpha / r``), initialised
+    from the same seed (so its ``initial_state`` is that of a slot attached with rank ``r``), and
+    returns its slot; ``activate()`` makes a slot's adapter the one PEFT's forward uses. Only
+    the active adapter runs, so a rank-``r`` client trains and evaluates exactly as in a model
+    that has only a rank-``r`` adapter.
     """
 
     def __init__(self, peft_model: PeftModel, adapter_name: str = "default"):
@@ -64,6 +72,8 @@ class AdapterSlot:
         if not self.params:
             raise MiraError("the LoRA config produced no trainable parameters", where="lora")
         self.initial_state = self.get()
+        self.seed = 0
+        self._ranks: dict[int, "AdapterSlot"] = {self.rank: self}  # shared by the slots of one model
 
     @classmethod
     def attach(cls, base, lora: LoraConfig, seed: int) -> "AdapterSlot":
@@ -71,7 +81,36 @@ class AdapterSlot:
         peft_model = get_peft_model(base, lora)
         for n, p in peft_model.named_parameters():
             p.requires_grad_("lora_" in n)
-        return cls(peft_model)
+        slot = cls(peft_model)
+        slot.seed = seed
+        return slot
+
+    # -- several ranks on one model -----------------------------------------------------
+    @property
+    def rank(self) -> int | None:
+        """The LoRA rank of this slot's adapter (None for an adapter type without one)."""
+        r = getattr(self.model.peft_config.get(self.adapter_name), "r", None)
+        return int(r) if r is not None else None
+
+    def for_rank(self, rank: int) -> "AdapterSlot":
+        """The slot of a rank-``rank`` adapter on this model (this slot for its own rank), added on
+        first use, initialised from this slot's seed without touching the global random state."""
+        if rank not in self._ranks:
+            name = f"rank{rank}"
+            config = dataclasses.replace(self.model.peft_config[self.adapter_name], r=rank)
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed)
+                self.model.add_adapter(name, config)
+            sub = AdapterSlot(self.model, name)
+            sub.seed, sub._ranks = self.seed, self._ranks
+            self._ranks[rank] = sub
+        return self._ranks[rank]
+
+    def activate(self) -> "AdapterSlot":
+        """Make this slot's adapter the one the model runs (nothing to do if it already is)."""
+        if self.model.active_adapter != self.adapter_name:
+            self.model.set_adapter(self.adapter_name)
+        return self
 
     # -- state in and out -------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -105,7 +144,11 @@ class AdapterSlot:
         self.set(state)
         try:
             with atomic_dir(out) as tmp:
-                self.model.save_pretrained(str(tmp))
+                self.model.save_pretrained(str(tmp), selected_adapters=[self.adapter_name])
+                if self.adapter_name != "default":  # PEFT writes a named adapter into a subfolder
+                    for f in (Path(tmp) / self.adapter_name).iterdir():
+                        f.rename(Path(tmp) / f.name)
+                    (Path(tmp) / self.adapter_name).rmdir()
         finally:
             self.set(current)
         return out

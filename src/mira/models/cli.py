@@ -41,4 +41,4 @@ def get_command(alias: str = typer.Argument(..., help="A model alias (see `mira 
     """Fetch ALIAS if it is not cached yet and print its folder (or Hub id) on stdout."""
     from mira.models.registry import get, stderr_log
 
-    typer.echo(get(alias).ensure(stderr_log))
+    typer.echo(get(alias, where="ALIAS").ensure(stderr_log))

@@ -20,12 +20,15 @@ from mira.errors import MiraError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto", where: str = "model.device") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MiraError(f"device {device!r} requested but CUDA is not available", where="model.device")
-    return torch.device(device)
+        raise MiraError(f"device {device!r} requested but CUDA is not available", where=where)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise MiraError(f"unknown device {device!r} ({e}); use auto, cpu, cuda, cuda:N or mps", where=where) from None
 
 
 def quiet_transformers() -> None:
@@ -53,19 +56,44 @@ def _looks_like_hub_id(path: str) -> bool:
     return "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and not Path(path).exists()
 
 
-def load_tokenizer(path: str, where: str = "model.path"):
-    """Only the tokenizer of ``path`` (resolved as ``load_base`` does), e.g. for ``mira data inspect``."""
+# what ``from_pretrained`` raises for a folder whose files are broken (truncated or empty weights, a
+# config that is not JSON, a tokenizer that cannot be built): the user's files, so a one-line MiraError
+_BROKEN_FILES = (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError, EOFError, AttributeError)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _broken(e: BaseException) -> bool:
+    return isinstance(e, _BROKEN_FILES) or type(e).__name__ == "SafetensorError"
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _tokenizer(src: str, path: str, where: str):
     from transformers import AutoTokenizer
 
-    quiet_transformers()
-    src = resolve_model_path(path, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
-    except OSError as e:
-        raise MiraError(f"cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}", where=where) from e
+    except Exception as e:
+        if not _broken(e):
+            raise
+        local = Path(src)
+        if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+            raise MiraError(f"{path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}); copy the base "
+                            "model's tokenizer files into it", where=where) from None
+        raise MiraError(f"cannot load the tokenizer of {path!r}: {_first_line(e)}", where=where) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def load_tokenizer(path: str, where: str = "model.path"):
+    """Only the tokenizer of ``path`` (resolved as ``load_base`` does), e.g. for ``mira data inspect``."""
+    quiet_transformers()
+    return _tokenizer(resolve_model_path(path, where), path, where)
 
 
 QUANTIZATIONS = ("4bit", "8bit")
@@ -122,6 +150,9 @@ def resolve_model_path(path: str, where: str = "model.path") -> str:
     if not local.exists() and not _looks_like_hub_id(path):
         hint = "" if "/" in path else f" (nor a model alias: {', '.join(sorted(registry.MODELS))})"
         raise MiraError(f"model folder not found: {path}{hint}", where=where)
+    if local.is_file():
+        raise MiraError(f"{path} is a file; expected a Hugging Face model folder (with config.json) or a .gguf file",
+                        where=where)
     if local.exists() and not (local / "config.json").exists():
         raise MiraError(f"{path} is not a Hugging Face model folder (no config.json)", where=where)
     return str(local) if local.exists() else path
@@ -134,7 +165,7 @@ def load_base(path: str, dtype: str = "float32", device: str = "auto", where: st
     With ``quantization`` the linear layers are bitsandbytes 4/8-bit layers on the GPU and
     ``peft.prepare_model_for_kbit_training`` has cast the remaining (norm, embedding) weights to
     float32 for stable training, as QLoRA does; the weights stay frozen either way."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
 
@@ -147,13 +178,14 @@ def load_base(path: str, dtype: str = "float32", device: str = "auto", where: st
         dev = resolve_device(device)
         kwargs.update(quantization_config=bnb_config(quantization),
                       device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
+    tokenizer = _tokenizer(src, path, where)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except OSError as e:
-        raise MiraError(f"cannot load model {path!r}: {str(e).splitlines()[0]}", where=where) from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    except Exception as e:
+        if not _broken(e):
+            raise
+        why = " (its weights are empty, truncated or corrupt)" if type(e).__name__ == "SafetensorError" else ""
+        raise MiraError(f"cannot load model {path!r}{why}: {_first_line(e)}", where=where) from None
     set_threads(model)
     if quantization:
         from peft import prepare_model_for_kbit_training

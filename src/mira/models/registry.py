@@ -173,9 +173,9 @@ def register(entry: ModelEntry) -> ModelEntry:
     return entry
 
 
-def get(alias: str) -> ModelEntry:
+def get(alias: str, where: str = "model") -> ModelEntry:
     if alias not in MODELS:
-        raise MiraError(f"unknown model alias {alias!r}; known: {', '.join(sorted(MODELS))}", where="model")
+        raise MiraError(f"unknown model alias {alias!r}; known: {', '.join(sorted(MODELS))}", where=where)
     return MODELS[alias]
 
 

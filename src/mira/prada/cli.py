@@ -98,7 +98,10 @@ def train_cmd(proxy: str = typer.Option(..., "--proxy", help="the proxy base mod
     from mira.data.records import load_records
     from mira.prada.train import AdapterTraining, train_adapter
 
+    from mira.userfiles import check_out_folder
+
     _threads()
+    check_out_folder(out)
     try:
         data_cfg = DataConfig(source=source, path=data, tasks=task or None, max_per_task=max_records,
                               max_length=max_length, seed=seed)
@@ -107,7 +110,10 @@ def train_cmd(proxy: str = typer.Option(..., "--proxy", help="the proxy base mod
         field = str(err["loc"][0]) if err["loc"] else "data"
         flag = {"max_per_task": "--max-records", "path": "--data", "tasks": "--task"}.get(field, f"--{field.replace('_', '-')}")
         raise MiraError(err["msg"], where=flag) from None
-    records = load_records(data_cfg, seed=seed)
+    try:
+        records = load_records(data_cfg, seed=seed)
+    except MiraError as e:  # the file is --data here, not data.path
+        raise MiraError(e.message, where={"data.path": "--data", "data.tasks": "--task"}.get(e.where, e.where)) from None
     settings = AdapterTraining(rank=rank, lora_alpha=lora_alpha, steps=steps, lr=lr, batch_size=batch_size,
                                max_length=max_length, seed=seed)
     trained = train_adapter(proxy, records, settings, out_dir=out,

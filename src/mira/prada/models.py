@@ -81,7 +81,9 @@ def read_stories(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise MiraError(f"not found: {path}", where="--stories")
-    return [s.strip() for s in p.read_text(encoding="utf-8").split("\n\n") if s.strip()]
+    from mira.userfiles import read_text
+
+    return [s.strip() for s in read_text(p, "TinyStories text file", where="--stories").split("\n\n") if s.strip()]
 
 
 def text_dataset(texts: list[str], tokenizer, max_length: int) -> TokenizedDataset:
@@ -101,7 +103,10 @@ def load_dolly(path: str | Path, exclude: tuple[str, ...] = ()) -> list[Record]:
     from mira.config import DataConfig
     from mira.data.records import load_records
 
-    records = load_records(DataConfig(source="dolly", path=str(path), max_per_task=None))
+    try:
+        records = load_records(DataConfig(source="dolly", path=str(path), max_per_task=None))
+    except MiraError as e:  # the file is --dolly here, not data.path
+        raise MiraError(e.message, where="--dolly" if e.where == "data.path" else e.where) from None
     return [r for r in records if r.task not in set(exclude)]
 
 
@@ -175,17 +180,19 @@ def _save(model, tokenizer, out: Path) -> None:
 def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: str | Path,
                  settings: BuildSettings | None = None, log: Log = print) -> dict:
     """Build, pre-train and save ``OUT/target`` and ``OUT/proxy``; return (and save) the report."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from mira.models.loader import load_tokenizer
 
     settings = settings or BuildSettings()
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)
+    if not Path(source_dir).exists():
+        raise MiraError(f"model folder not found: {source_dir}", where="--source")
     if not (Path(source_dir) / "config.json").is_file():
-        raise MiraError(f"{source_dir} is not a Hugging Face model folder", where="--source")
-    tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise MiraError(f"{source_dir} is not a Hugging Face model folder (no config.json)", where="--source")
+    tokenizer = load_tokenizer(str(source_dir), where="--source")
     pad_id = tokenizer.pad_token_id
 
     rng = random.Random(settings.seed)

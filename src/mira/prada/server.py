@@ -239,6 +239,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, key_env: st
                         f"'Authorization: Bearer <key>')", where="--api-key-env")
     if not 0 < port < 65536:
         raise MiraError(f"port must be in 1..65535, got {port}", where="--port")
+    from mira.models.loader import DTYPES
+
+    if dtype not in DTYPES:
+        raise MiraError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", where="--dtype")
     torch.set_num_threads(int(os.environ.get("MIRA_THREADS", "1")))
     model, _ = load_base(model_dir, dtype=dtype, device="cpu", where="MODEL_DIR")
     app = create_app(model, api_key, limits)

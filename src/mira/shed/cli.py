@@ -12,15 +12,13 @@ from rich.table import Table
 from mira.errors import MiraError
 
 console = Console()
+err_console = Console(stderr=True)
 
 
-def parse_budget(text: str) -> int | float:
-    """``"0.1"`` -> 0.1 (a fraction), ``"200"`` -> 200 (a count); ``MiraError`` otherwise."""
-    text = text.strip()
-    try:
-        return int(text) if text.lstrip("+-").isdigit() else float(text)
-    except ValueError:
-        raise MiraError(f"expected a fraction in (0, 1] or a record count, got {text!r}", where="--budget") from None
+OLD_BUDGET_FLAG = ("--budget was removed: 1 meant one record and 1.0 every record; write --budget-records N "
+                   "(a count) or --budget-fraction F (a share in (0, 1])")
+OLD_EPOCHS_FLAG = ("--epochs was removed: ceil(epochs*|S|/batch) steps per v(S) made a proxy's value measure the steps "
+                   "its removal took away; v(S) trains a fixed --steps on batches drawn from S")
 
 
 def load_data(path: str, source: str, where: str = "DATA"):
@@ -33,9 +31,8 @@ def load_data(path: str, source: str, where: str = "DATA"):
     cfg = DataConfig(source=source, path=path, max_per_task=None)
     try:
         return SOURCES[source]().load(cfg)
-    except MiraError as e:
-        where = where if e.where == "data.path" else e.where
-        raise MiraError(str(e).removeprefix("data.path: "), where=where) from None
+    except MiraError as e:  # the file is DATA (or --val-data) here, not data.path
+        raise MiraError(e.message, where=where if e.where == "data.path" else e.where) from None
 
 
 class _Bar:
@@ -53,8 +50,11 @@ class _Bar:
 
 def refine_cmd(
     data: str = typer.Argument(..., help="data file (JSON/JSONL, or a folder for natural_instructions)"),
-    budget: str = typer.Option("0.1", "--budget", "-b",
-                               help="fraction in (0, 1] (e.g. 0.1) or a record count (e.g. 500)"),
+    budget_fraction: Optional[float] = typer.Option(None, "--budget-fraction", "-f",
+                                                    help="keep this share of the candidates, in (0, 1] "
+                                                         "[default: 0.1 when no budget is given]"),
+    budget_records: Optional[int] = typer.Option(None, "--budget-records", "-n", help="keep this many records"),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", hidden=True),
     strategy: str = typer.Option("qocs", "--strategy", "-s", help="qocs or qwcs"),
     out: Path = typer.Option(Path("refined.jsonl"), "--out", "-o",
                              help="refined JSONL; shed.json and shed_values.png go next to it"),
@@ -65,56 +65,90 @@ def refine_cmd(
     clusters: Optional[int] = typer.Option(None, "--clusters", "-k", help="k-means clusters [default: ~records/33]"),
     iterations: int = typer.Option(10, "--iterations", help="Monte-Carlo permutations"),
     group_size: Optional[int] = typer.Option(None, "--group-size",
-                                             help="proxies removed at a time [default: ~clusters/50]"),
+                                             help="proxies added/removed at a time [default: clusters/10, rounded up]"),
+    antithetic: bool = typer.Option(True, "--antithetic/--no-antithetic",
+                                    help="permutations in pairs: a group order and its reverse"),
+    center: bool = typer.Option(True, "--center/--no-center",
+                                help="position control variate (see docs/shed.md)"),
     beta: float = typer.Option(1.0, "--beta", help="QWCS temperature: P(cluster) ~ exp(beta * value)"),
     standardize: bool = typer.Option(False, "--standardize",
                                      help="QWCS on z-scored values (beta in standard deviations)"),
     seed: int = typer.Option(0, "--seed"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of DATA held out to score v(S)"),
+    max_val: int = typer.Option(200, "--max-val", help="at most this many validation records"),
     val_data: Optional[str] = typer.Option(None, "--val-data",
                                            help="validation file (same --source) instead of holding out"),
-    steps: int = typer.Option(20, "--steps", help="LoRA steps per v(S)"),
-    epochs: Optional[float] = typer.Option(None, "--epochs",
-                                           help="instead of --steps: passes over S per v(S) (paper: 3)"),
+    steps: int = typer.Option(10, "--steps", help="LoRA steps per v(S), the same for every coalition"),
+    epochs: Optional[str] = typer.Option(None, "--epochs", hidden=True),
+    lr: float = typer.Option(3e-3, "--lr", help="learning rate of the v(S) fine-tunes"),
     metric: str = typer.Option("neg_loss", "--metric", help="neg_loss or token_accuracy"),
     embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder",
                                  help="sentence-transformers model (name or folder) or 'hashing'"),
-    tolerance: float = typer.Option(0.01, "--tolerance",
-                                    help="truncate an iteration once |v(S)-v(empty)| <= tol*|v(N)-v(empty)|"),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance",
+                                              help="truncate a permutation once |v(S)-v(N)| < tol*|v(N)-v(empty)| "
+                                                   "[default: the measured noise of one v(S)]"),
+    noise_seeds: int = typer.Option(2, "--noise-seeds", help="extra training seeds of v(N) to measure the noise of v(S)"),
+    reliability_threshold: float = typer.Option(0.5, "--reliability-threshold",
+                                                help="split-half rank correlation below which the values are noise"),
     max_length: int = typer.Option(128, "--max-length", help="tokens per example for v(S)"),
     template: str = typer.Option("auto", "--template", help="prompt template: auto, alpaca, compact, chat or a string"),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="write shed_values.png"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary (a noise warning still shows)"),
 ):
     """Refine an instruction data set with SHED (Shapley values of cluster proxies) to a budget."""
     from mira.report.progress import make_progress
     from mira.shed.refine import refine
     from mira.shed.report import write_outputs
     from mira.shed.settings import ShedSettings
+    from mira.userfiles import check_out_file
 
+    if budget is not None:
+        raise MiraError(OLD_BUDGET_FLAG, where="--budget")
+    if epochs is not None:
+        raise MiraError(OLD_EPOCHS_FLAG, where="--epochs")
+    if budget_fraction is not None and budget_records is not None:
+        raise MiraError("give --budget-fraction or --budget-records, not both", where="--budget-fraction")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
     raw: dict[str, Any] = {
-        "budget": parse_budget(budget), "strategy": strategy, "model": model, "clusters": clusters,
-        "iterations": iterations, "group_size": group_size, "beta": beta, "standardize": standardize, "seed": seed,
-        "val_fraction": val_fraction, "steps": steps, "epochs": epochs, "metric": metric, "embedder": embedder,
-        "tolerance": tolerance, "max_length": max_length, "template": template,
+        "budget_fraction": budget_fraction, "budget_records": budget_records, "strategy": strategy, "model": model,
+        "clusters": clusters, "iterations": iterations, "group_size": group_size, "antithetic": antithetic,
+        "center": center, "beta": beta, "standardize": standardize, "seed": seed, "val_fraction": val_fraction,
+        "max_val": max_val, "steps": steps, "lr": lr, "metric": metric, "embedder": embedder, "tolerance": tolerance,
+        "noise_seeds": noise_seeds, "reliability_threshold": reliability_threshold, "max_length": max_length,
+        "template": template,
     }
     settings = ShedSettings.from_mapping(raw, flags=True)
+    check_out_file(out)  # before the refinement, not when its result is written
     records = load_data(data, source)
     val = load_data(val_data, source, where="--val-data") if val_data else None
     with make_progress(quiet) as progress:
         bar = None if quiet else _Bar(progress.p)
-        result = refine(records, settings, val_records=val, progress=bar, log=progress.log)
+        try:
+            result = refine(records, settings, val_records=val, progress=bar, log=progress.log)
+        except MiraError as e:  # a setting named as a field (e.g. model) is a flag here (--model)
+            if e.where in ShedSettings.model_fields:
+                raise MiraError(e.message, where="--" + e.where.replace("_", "-")) from None
+            raise
         paths = write_outputs(result, out, plot=plot)
+    rel = result.reliability
     if quiet:
+        if rel is not None and not rel.reliable:
+            err_console.print(f"warning: {rel.verdict}", soft_wrap=True, highlight=False)
         return
     sh = result.shapley
     t = Table(title=f"SHED {settings.strategy}: {len(result.records)} of {len(result.candidates)} records")
-    for col in ("clusters", "v(empty)", "v(all proxies)", "v(S) computed", "cache hits", "truncated", "time"):
+    for col in ("clusters", "v(empty)", "v(all proxies)", "v(S) computed", "cache hits", "truncated",
+                "split-half r", "time"):
         t.add_column(col, justify="right")
-    t.add_row(str(result.clustering.k), f"{sh.v_empty:.4f}", f"{sh.v_full:.4f}", str(sh.evaluations),
-              str(sh.cache_hits), f"{sh.truncated_groups}/{sh.total_groups}", f"{result.timings['total_s']:.1f}s")
+    r = "n/a" if rel is None or rel.split_half is None else f"{rel.split_half:.2f}"
+    t.add_row(str(result.clustering.k), f"{sh.v_empty:.4f}", f"{sh.v_full:.4f}",
+              str(rel.evaluations if rel else sh.evaluations), str(sh.cache_hits),
+              f"{sh.truncated_groups}/{sh.total_groups}", r, f"{result.timings['total_s']:.1f}s")
     console.print(t)
+    if rel is not None:
+        for line in rel.lines():
+            console.print(line, soft_wrap=True, highlight=False,
+                          style=None if rel.reliable or line != rel.verdict else "bold yellow")
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -16,6 +16,7 @@ Embeddings are L2-normalised, so k-means on them clusters by cosine similarity.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -76,6 +77,10 @@ def load_sentence_transformer(name: str, device: str = "cpu"):
     """Load (once per process) a sentence-transformers model by alias, folder or Hub id."""
     from sentence_transformers import SentenceTransformer
 
+    from mira.models.loader import quiet_transformers
+
+    quiet_transformers()  # no "Loading weights" bar (it ignored --quiet)
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     src = minilm_path() if name in MINILM_ALIASES else os.path.expanduser(name)
     try:
         return SentenceTransformer(src, device=device)

@@ -5,7 +5,7 @@ a ``refine:`` section, e.g.::
 
     refine:
       method: shed
-      budget: 0.5        # any ShedSettings field: strategy, clusters, iterations, ...
+      budget_fraction: 0.5   # any ShedSettings field: budget_records, strategy, clusters, iterations, ...
       strategy: qocs
 
 Unset options default to the run's own settings where they exist (``model.path``,
@@ -14,12 +14,18 @@ Unset options default to the run's own settings where they exist (``model.path``
 records (its validation records for v(S) are held out from them, never its test split),
 with a seed derived from ``(seed, client id)``; the proxy model and the embedding model
 are loaded once and reused for every client.
+
+Every client's refinement reports its own reliability (``mira.shed.reliability``): one log line
+per client with the split-half rank correlation, the mean standard error against the spread of
+the values, the noise of one v(S), v(S) evaluations, cache hits and wall time, and a warning line
+when that client's values are noise (its selection is then a random sample of its data).
+``refine_clients(..., reports=[])`` also collects them as dicts.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -49,7 +55,24 @@ def client_seed(seed: int, client_id: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(client_id), 5_003]).generate_state(1)[0] % (2**31))
 
 
-def refine_clients(clients: list[ClientData], cfg, log_fn: Callable[[str], None] = lambda m: None) -> list[ClientData]:
+def client_report(c: ClientData, result, seconds: float) -> dict:
+    """One client's refinement figures (``refine_clients(reports=...)``)."""
+    rel = result.reliability
+    return {"client": c.id, "task": c.task, "kept": len(result.records), "of": len(c.train),
+            "clusters": result.clustering.k, "wall_s": seconds,
+            "reliability": rel.to_dict() if rel is not None else None}
+
+
+def reliability_line(rel) -> str:
+    r = "n/a" if rel.split_half is None else f"{rel.split_half:.2f}"
+    noise = "n/a" if rel.noise_sd is None else f"{rel.noise_sd:.4g}"
+    return (f"split-half r {r} (threshold {rel.threshold:g}), mean SE {rel.mean_stderr:.4g} vs spread "
+            f"{rel.value_spread:.4g}, v(S) noise sd {noise}, {rel.evaluations} v(S) evaluations, "
+            f"{rel.cache_hits} cache hits")
+
+
+def refine_clients(clients: list[ClientData], cfg, log_fn: Callable[[str], None] = lambda m: None,
+                   reports: Optional[list] = None) -> list[ClientData]:
     """Return ``clients`` with each client's ``train`` replaced by its SHED-refined subset."""
     base = hook_settings(cfg)
     proxy = None
@@ -66,8 +89,13 @@ def refine_clients(clients: list[ClientData], cfg, log_fn: Callable[[str], None]
         except MiraError as e:
             context = f"refine (client {c.id}, task {c.task!r}, {len(c.train)} train records)"
             raise MiraError(str(e), where=context) from None
+        seconds = time.perf_counter() - t0
+        rel = result.reliability
         log_fn(f"refine: client {c.id} ({c.task}) keeps {len(result.records)}/{len(c.train)} records "
-               f"(SHED {s.strategy}, {result.clustering.k} clusters, {result.shapley.evaluations} v(S) evaluations, "
-               f"{time.perf_counter() - t0:.1f}s)")
+               f"(SHED {s.strategy}, {result.clustering.k} clusters, {seconds:.1f}s); {reliability_line(rel)}")
+        if not rel.reliable:
+            log_fn(f"refine: client {c.id} ({c.task}): {rel.verdict}")
+        if reports is not None:
+            reports.append(client_report(c, result, seconds))
         out.append(dataclasses.replace(c, train=result.records))
     return out

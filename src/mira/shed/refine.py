@@ -5,6 +5,12 @@ federated ``refine:`` hook. Validation records for v(S) are either given
 (``val_records``) or a seeded ``val_fraction`` (at most ``max_val``) of ``records``,
 held out: they are never candidates, and the budget applies to the remaining records.
 Everything random derives from ``settings.seed``, so the same seed gives the same subset.
+
+Before the permutations, v(empty) and v(all proxies) are computed, and v(all proxies) again
+with ``noise_seeds`` other training seeds: the noise of one v(S). Unless ``tolerance`` is
+set, truncation uses that noise as its tolerance. After them, ``mira.shed.reliability``
+judges the values (split-half rank correlation, standard errors, noise against spread);
+the figures go into ``RefineResult.reliability`` and ``shed.json``.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from mira.data.records import Record
 from mira.errors import MiraError
 from mira.shed.cluster import Clustering, kmeans
 from mira.shed.embed import embed_records
+from mira.shed.reliability import Reliability, assess
 from mira.shed.select import select
 from mira.shed.settings import ShedSettings
 from mira.shed.shapley import CachedValue, ProgressFn, ShapleyResult, ValueFn, monte_carlo_shapley
@@ -41,6 +48,7 @@ class RefineResult:
     budget_count: int
     group_size: int
     selection_order: list[int]  # input positions in the order the strategy picked them
+    reliability: Optional[Reliability] = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -77,7 +85,10 @@ class RefineResult:
             "validation_indices": self.val_indices,
             "shapley": {"v_empty": sh.v_empty, "v_full": sh.v_full, "evaluations": sh.evaluations,
                         "cache_hits": sh.cache_hits, "truncated_groups": sh.truncated_groups,
-                        "total_groups": sh.total_groups, "iterations": sh.iteration_log},
+                        "total_groups": sh.total_groups, "tolerance": sh.tolerance, "antithetic": sh.antithetic,
+                        "centered": sh.centered, "iterations": sh.iteration_log},
+            "reliability": self.reliability.to_dict() if self.reliability is not None else None,
+            "wall_s": self.timings.get("total_s"),
             "timings_s": self.timings,
         }
 
@@ -165,16 +176,43 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
         warm = [r for i, r in enumerate(cand_records) if i not in proxy_set]
         value_fn = LoraValue(proxy, proxy_records, val, s, warm, log)
     timings["value_setup_s"] = time.perf_counter() - t0
-    log(f"Shapley values of {clustering.k} proxies: {s.iterations} iterations, groups of {group}")
     cached = value_fn if isinstance(value_fn, CachedValue) else CachedValue(value_fn)
     try:
+        t0 = time.perf_counter()
+        everyone = frozenset(range(clustering.k))
+        v_empty, v_full = cached(frozenset()), cached(everyone)
+        noise = [v_full]
+        evaluate = getattr(cached.fn, "evaluate", None)
+        t_noise = time.perf_counter()
+        if evaluate is not None:  # the same coalition, other training seeds
+            noise += [float(evaluate(everyone, s.seed + 1 + i)) for i in range(s.noise_seeds)]
+        noise_seconds = time.perf_counter() - t_noise
+        noise_sd = float(np.std(noise, ddof=1)) if len(noise) > 1 else 0.0
+        scale = abs(v_full - v_empty)
+        if s.tolerance is not None:
+            tolerance = s.tolerance
+        else:  # truncate once the marginals left are below the noise of one v(S)
+            tolerance = min(0.5, noise_sd / scale) if scale > 0 else 0.0
+        timings["noise_s"] = time.perf_counter() - t0
+        if len(noise) > 1:
+            log(f"v(empty) {v_empty:.4f}, v(all {clustering.k} proxies) {v_full:.4f}; noise of one v(S): "
+                f"sd {noise_sd:.4f} over {len(noise)} training seeds")
+        log(f"Shapley values of {clustering.k} proxies: {s.iterations} iterations"
+            f"{' (antithetic pairs)' if s.antithetic else ''}, groups of {group}, truncation tolerance "
+            f"{tolerance:.3g} of |v(N) - v(empty)|")
         shap = monte_carlo_shapley(clustering.k, cached, iterations=s.iterations, group_size=group, seed=s.seed,
-                                   tolerance=s.tolerance, credit=s.credit, progress=progress)
+                                   tolerance=tolerance, credit=s.credit, antithetic=s.antithetic, center=s.center,
+                                   progress=progress)
     finally:
         restore = getattr(cached.fn, "restore", None)
         if restore:  # leave the shared proxy model's adapter as we found it (fresh)
             restore()
     timings["shapley_s"] = shap.seconds
+    extra = len(noise) - 1
+    per_eval = (cached.seconds + noise_seconds) / max(1, cached.evaluations + extra)
+    reliability = assess(shap, threshold=s.reliability_threshold, noise_values=noise if len(noise) > 1 else (),
+                         evaluations=shap.evaluations + extra, cache_hits=shap.cache_hits,
+                         seconds_per_evaluation=per_eval)
 
     t0 = time.perf_counter()
     scores = standardized(shap.values) if s.standardize else shap.values
@@ -185,4 +223,4 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
     indices = sorted(order)
     return RefineResult(records=[records[i] for i in indices], indices=indices, candidates=candidates,
                         val_indices=val_idx, clustering=clustering, shapley=shap, settings=s, budget_count=count,
-                        group_size=group, selection_order=order, timings=timings)
+                        group_size=group, selection_order=order, reliability=reliability, timings=timings)

@@ -1,10 +1,23 @@
 """The value function of SHED: v(S) = score of a small model LoRA-tuned on the proxies in S.
 
 One base model is loaded once (``ProxyModel``); every ``v(S)`` resets its LoRA adapter
-to the same starting state, trains ``steps`` AdamW steps (or ``epochs`` passes, i.e.
-``ceil(epochs*|S|/batch_size)`` steps, as in the paper) on the proxy records of ``S``
-(fixed seed, so ``v`` is a deterministic function of ``S`` and safe to cache) and scores
-the adapter on a fixed validation set. ``v(empty)`` is the score of the starting state.
+to the same starting state, trains a fixed ``steps`` AdamW steps on batches drawn from the
+proxy records of ``S`` and scores the adapter on a fixed validation set. ``v(empty)`` is
+the score of the starting state.
+
+**A budget that does not reward size.** Every coalition gets the same number of steps,
+whatever its size, so a marginal ``v(S + G) - v(S)`` measures what the records of ``G`` teach,
+not how many steps they add (with ``ceil(epochs*|S|/batch)`` steps, as before, it measured
+mostly the latter).
+
+**Paired seeds across coalitions (common random numbers).** Batches are drawn by fixed
+random priorities: for training seed ``seed``, step ``t`` and player ``p`` a key ``u[t, p]``
+is drawn once; the batch of step ``t`` is the ``batch_size`` players of ``S`` with the
+smallest keys (all of ``S`` when it is smaller). Adding a group to ``S`` then changes only
+the batches its members enter; everything else about the two runs is the same, so their
+difference carries far less training noise than two independently seeded runs would. v is
+a deterministic function of ``S`` (safe to cache); ``evaluate(S, seed)`` re-trains with
+other keys, to measure the noise of one v(S).
 
 Scores (``SCORES``, higher is better): ``neg_loss`` (minus the mean NLL per response
 token) and ``token_accuracy`` (teacher-forced next-token accuracy on response tokens).
@@ -12,15 +25,16 @@ token) and ``token_accuracy`` (teacher-forced next-token accuracy on response to
 Warm start (``warm_start_steps > 0``): the starting state is not the fresh LoRA
 initialisation but an adapter first trained that many steps on the *non-proxy*
 candidate records (the same for every S). The short runs for v(S) then measure what a
-proxy adds beyond learning the prompt format, and fewer ``steps`` suffice; this is the
-``initial_checkpoint`` of the paper's reference scripts. The game stays well defined:
-v(empty) is the warm adapter's score.
+proxy adds beyond learning the prompt format; this is the ``initial_checkpoint`` of the
+paper's reference scripts. The game stays well defined: v(empty) is the warm adapter's score.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from mira.data.prompts import IGNORE, TokenizedDataset, collate, tokenize_records
@@ -91,27 +105,30 @@ class ProxyModel:
 
 
 class LoraValue:
-    """``v(S)`` for coalitions ``S`` of proxy ids ``0..len(proxy_records)-1``."""
+    """``v(S)`` for coalitions ``S`` of proxy ids ``0..len(proxy_records)-1`` (see the module docstring)."""
 
     def __init__(self, proxy: ProxyModel, proxy_records: Sequence[Record], val_records: Sequence[Record],
                  s: ShedSettings, warm_records: Sequence[Record] = (), log: Callable[[str], None] = lambda m: None):
         self.proxy = proxy
         self.s = s
         self.score_fn = SCORES[s.metric]
+        self.n_players = len(proxy_records)
         # proxies keep their ids: a long input is cut from its middle, a long response from its end; a
         # proxy whose instruction alone does not fit trains nothing (its marginal is measured as zero)
         self.train_ds = tokenize_records(list(proxy_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
+        self.row_of = {src: i for i, src in enumerate(self.train_ds.source_index)}
         self.val_ds = tokenize_records(list(val_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
         if not len(self.val_ds):
             raise MiraError(f"no validation record fits max_length {s.max_length}", where="max_length")
-        self.trainer = LocalTrainer(proxy.slot, proxy.pad_id, TrainSettings(
-            lr=s.lr, batch_size=s.batch_size, weight_decay=0.0, grad_clip=1.0, steps=s.steps, epochs=s.epochs))
         self.start: AdapterState = proxy.slot.initial_state
         self.train_seconds = 0.0
+        self._keys: dict[int, np.ndarray] = {}
         if s.warm_start_steps and warm_records:
             warm_ds = tokenize_records(list(warm_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
+            warm = LocalTrainer(proxy.slot, proxy.pad_id, TrainSettings(lr=s.lr, batch_size=s.batch_size,
+                                                                        weight_decay=0.0, grad_clip=1.0))
             proxy.slot.set(proxy.slot.initial_state)
-            self.trainer.train(warm_ds, seed=s.seed + 1, steps=s.warm_start_steps)
+            warm.train(warm_ds, seed=s.seed + 1, steps=s.warm_start_steps)
             self.start = proxy.slot.get()
             log(f"warm start: {s.warm_start_steps} steps on {len(warm_ds)} non-proxy records")
         elif s.warm_start_steps:
@@ -120,13 +137,52 @@ class LoraValue:
     def score(self) -> float:
         return float(self.score_fn(self.proxy.model, self.val_ds, self.proxy.pad_id, self.s.eval_batch_size))
 
-    def __call__(self, coalition: frozenset) -> float:
+    def keys(self, seed: int) -> np.ndarray:
+        """The batch priorities ``(steps, n_players)`` of training seed ``seed`` (drawn once)."""
+        if seed not in self._keys:
+            self._keys[seed] = np.random.default_rng([int(seed), 11]).random((self.s.steps, max(1, self.n_players)))
+        return self._keys[seed]
+
+    def batches(self, coalition: frozenset, seed: int) -> list[list[int]]:
+        """Dataset rows of each step's batch: the ``batch_size`` members of ``coalition`` with the smallest keys."""
+        players = np.array(sorted(p for p in coalition if p in self.row_of), dtype=np.int64)
+        if not len(players):
+            return []
+        keys = self.keys(seed)[:, players]
+        b = min(self.s.batch_size, len(players))
+        chosen = np.argpartition(keys, b - 1, axis=1)[:, :b] if b < len(players) else np.tile(np.arange(b), (len(keys), 1))
+        return [sorted(self.row_of[int(p)] for p in players[row]) for row in chosen]
+
+    def train(self, batches: list[list[int]], seed: int) -> None:
+        """AdamW on the slot's LoRA tensors over ``batches`` (grad clip 1, no weight decay)."""
+        slot, model = self.proxy.slot, self.proxy.model
+        params = slot.trainable(slot.keys())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=0.0)
+        device = next(model.parameters()).device
+        model.train()
+        torch.manual_seed(seed)  # dropout masks
+        t0 = time.perf_counter()
+        for rows in batches:
+            loss = model(**collate(self.train_ds, rows, self.proxy.pad_id, device)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        self.train_seconds += time.perf_counter() - t0
+        model.eval()
+
+    def evaluate(self, coalition: frozenset, seed: int) -> float:
+        """v(coalition) trained with the batch priorities (and dropout) of ``seed``."""
         self.proxy.slot.set(self.start)
-        idx = self.train_ds.positions(sorted(coalition))
-        if idx:
-            res = self.trainer.train(self.train_ds.subset(idx), seed=self.s.seed)
-            self.train_seconds += res.step_time_s
+        batches = self.batches(frozenset(coalition), seed)
+        if batches:
+            self.train(batches, seed)
         return self.score()
+
+    def __call__(self, coalition: frozenset) -> float:
+        return self.evaluate(coalition, self.s.seed)
 
     def restore(self, state: Optional[AdapterState] = None) -> None:
         """Put the fresh LoRA initialisation (or ``state``) back into the slot."""

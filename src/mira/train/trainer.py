@@ -39,6 +39,9 @@ class TrainSettings:
     steps: int | None = 10
     epochs: float | None = None
     gradient_checkpointing: bool = False
+    # sample-level DP-SGD (``mira.privacy.dp_sgd``): Poisson batches, per-example clipping and noise
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float = 1.0
 
     def num_steps(self, n_examples: int) -> int:
         if self.epochs is not None:
@@ -129,6 +132,16 @@ class LocalTrainer:
         params = self.slot.trainable(keys)
         for k, p in self.slot.params.items():
             p.requires_grad_(k not in frozen)
+        if s.dp_noise_multiplier is not None:
+            from mira.privacy.dp_sgd import dp_train
+
+            if prox_mu > 0:
+                from mira.errors import MiraError
+
+                raise MiraError("DP-SGD with FedProx's proximal term is not supported", where="privacy.sample")
+            return dp_train(self, ds, seed, keys=keys, params=params, steps=steps, noise_multiplier=s.dp_noise_multiplier,
+                            max_grad_norm=s.dp_max_grad_norm, batch_size=s.batch_size, lr=s.lr,
+                            weight_decay=s.weight_decay)
         anchor_t = [anchor[k].to(self.device) for k in keys] if prox_mu > 0 and anchor is not None else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         batches = [collate(ds, idx, self.pad_id, self.device) for idx in batch_indices(len(ds), s.batch_size, steps, seed)]

@@ -107,7 +107,10 @@ def generate_node_key(out: Path, name: str) -> tuple[Path, Path]:
 def generate_all(out: str | os.PathLike, nodes: int = 3, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS,
                  overwrite: bool = False) -> dict:
     """The CA, the SuperLink certificate and ``nodes`` SuperNode key pairs in ``out``."""
+    from mira.userfiles import check_out_folder
+
     out = Path(out)
+    check_out_folder(out)
     if (out / "ca.crt").exists() and not overwrite:
         raise MiraError(f"{out} already holds certificates; pass --overwrite to replace them", where="--out")
     if nodes < 0:

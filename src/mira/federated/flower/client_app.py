@@ -1,4 +1,5 @@
-"""mira's Flower ``ClientApp``: answers the three message types of ``protocol``.
+"""mira's Flower ``ClientApp``: answers the three message types of ``protocol``, and the plain
+``train`` messages of Flower's SecAgg+ workflow (``secagg_fit``, with ``secaggplus_mod``).
 
 Training is ``mira.federated.client.client_fit`` (through ``NodeRuntime.fit``), the very
 function the in-process engine calls; this module only moves records in and out.
@@ -70,6 +71,34 @@ def fit(msg: Message, context: Context) -> Message:
         buf, metrics = answer["buf"], answer["metrics"]
     _log(context, f"fit round {task.rnd}", t0, answer is not None)
     return Message(fit_reply(buf, metrics), reply_to=msg)
+
+
+def _secaggplus(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod``, imported on first use."""
+    from flwr.client.mod import secaggplus_mod
+
+    return secaggplus_mod(msg, context, call_next)
+
+
+@app.train(mods=[_secaggplus])
+def secagg_fit(msg: Message, context: Context) -> Message:
+    """A round under SecAgg+ (``privacy.secure_aggregation``; see ``secagg``): Flower's
+    ``SecAggPlusWorkflow`` sends plain ``train`` messages; ``secaggplus_mod`` answers its key
+    stages itself and calls this only in the masked-vector stage, with a legacy ``FitIns``. The
+    reply is a legacy ``FitRes``, which the mod quantises and masks before it leaves the node."""
+    from dataclasses import asdict
+
+    from mira.federated.flower.secagg import legacy_fit_reply, parse_legacy_fit
+
+    t0 = time.perf_counter()
+    task, arrays, cfg = parse_legacy_fit(msg.content)
+    answer = _worker(context, "fit_arrays", task=asdict(task), arrays=arrays)
+    if answer is None:
+        new, metrics = _runtime(context).fit_arrays(task, arrays)
+    else:
+        new, metrics = answer["arrays"], answer["metrics"]
+    _log(context, f"fit round {task.rnd} (SecAgg+)", t0, answer is not None)
+    return Message(legacy_fit_reply(new, metrics, cfg), reply_to=msg)
 
 
 @app.evaluate("mira_eval")

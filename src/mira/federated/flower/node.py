@@ -157,19 +157,43 @@ class NodeRuntime:
         """The keys the server sent (an empty list means all of them, in the model's order)."""
         return list(keys) if keys else list(self.keys)
 
-    def fit(self, task) -> tuple[bytes, dict]:
+    def _train(self, adapter, task) -> tuple[dict, dict]:
         from mira.federated.client import client_fit
         from mira.federated.strategies.base import FitIns
 
-        keys = self.wire_keys(task.keys)
-        codec = self.lossless if task.lossless else self.codec
-        adapter = codec.decode(task.buf, keys)
         ins = FitIns(adapter=adapter, frozen=frozenset(task.frozen), prox_mu=task.prox_mu,
                      **({"step_scale": task.step_scale} if task.step_scale != 1 else {}))
         new, res = client_fit(self.slot, self.trainer, self.train, ins, task.seed)
-        buf = codec.encode(new, keys)
-        return buf, {"n_train": len(self.train), "train_loss": float(res.loss), "prox_term": float(res.prox_term),
+        return new, {"n_train": len(self.train), "train_loss": float(res.loss), "prox_term": float(res.prox_term),
                      "steps": int(res.steps), "tokens": int(res.tokens), "step_time_s": float(res.step_time_s)}
+
+    def fit(self, task) -> tuple[bytes, dict]:
+        keys = self.wire_keys(task.keys)
+        codec = self.lossless if task.lossless else self.codec
+        adapter = codec.decode(task.buf, keys)
+        new, metrics = self._train(adapter, task)
+        return codec.encode(new, keys), metrics
+
+    def fit_arrays(self, task, arrays: list) -> tuple[list, dict]:
+        """``fit`` for a SecAgg+ round (``mira.federated.flower.secagg``): the adapter arrives as NDArrays
+        in the wire-key order and leaves the same way, after the ``federation.wire_dtype`` round trip
+        a plain upload makes (the SecAgg+ mod then quantises and masks it)."""
+        import numpy as np
+        import torch
+
+        keys = self.wire_keys(task.keys)
+        if len(arrays) != len(keys):
+            raise ValueError(f"{len(arrays)} arrays for {len(keys)} adapter keys")
+        init = self.slot.initial_state
+        adapter = {}
+        for k, a in zip(keys, arrays):
+            if tuple(a.shape) != tuple(init[k].shape):
+                raise ValueError(f"{k}: shape {tuple(a.shape)}, this node's model has {tuple(init[k].shape)}")
+            adapter[k] = torch.from_numpy(np.array(a, copy=True)).to(init[k].dtype)
+        new, metrics = self._train(adapter, task)
+        codec = self.lossless if task.lossless else self.codec
+        up = codec.decode(codec.encode(new, keys), keys)
+        return [up[k].detach().cpu().double().numpy() for k in keys], metrics
 
     def evaluate(self, bufs: list[bytes], own: int) -> tuple[list[float], int, dict]:
         from mira.eval.metrics import eval_loss, generate, generation_metrics

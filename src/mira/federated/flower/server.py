@@ -256,9 +256,17 @@ def flower_engine_class():
     class FlowerEngine(Engine):
         """``Engine`` whose clients are SuperNodes (see the module docstring)."""
 
+        secure_aggregation = True  # privacy.secure_aggregation: SecAgg+ rounds (``secagg``)
+
         def __init__(self, ws, cfg, out_dir, fleet: Fleet, settings: RunSettings):
             super().__init__(ws, cfg, out_dir, quiet=True)
             self.fleet, self.settings = fleet, settings
+            self.secagg = None
+            if cfg.privacy.secure_aggregation is not None:
+                from mira.federated.flower.secagg import SecAggPlan
+
+                self.secagg = SecAggPlan.build(cfg.privacy.secure_aggregation, [len(d) for d in ws.train],
+                                               self.per_round)
             self.lossless = WireCodec(ws.slot.initial_state, "float32")
             self.failed: list[dict] = []
             self.flower = {"fit_bytes_down": 0, "fit_bytes_up": 0, "fit_messages": 0,
@@ -282,6 +290,10 @@ def flower_engine_class():
 
         # -- one round: configure_fit -> SuperNodes -> aggregate_fit ----------------------
         def run_round(self, rnd: int, progress) -> dict:
+            if self.secagg is not None:
+                from mira.federated.flower.secagg import secagg_round
+
+                return secagg_round(self, rnd, progress)
             t0 = time.perf_counter()
             self.fleet.refresh()
             sampled = self.sample(rnd)
@@ -414,6 +426,8 @@ def flower_engine_class():
             summary["flower"] = {**self.flower, "hello_bytes": self.fleet.hello_bytes,
                                  "failed_updates": self.failed,
                                  "nodes": {str(c): n for c, n in sorted(self.fleet.node_of.items())}}
+            if self.secagg is not None:
+                summary["secure_aggregation"] = self.secagg.report(self.rounds_log)
             atomic_write_json(self.out / "summary.json", summary)
             return summary
 
@@ -429,6 +443,16 @@ def check_supported(cfg) -> None:
                         "never gathers; run it with `mira run`", where="algorithm.name")
     if cfg.refine is not None:
         raise MiraError("refine hooks are not supported on the Flower runtime yet", where="refine")
+    if cfg.lora.ranks is not None:
+        raise MiraError("per-client LoRA ranks are not supported on the Flower runtime yet (the nodes hold one "
+                        "rank); run flora, hetlora or mira (space: delta) with mira run or mira compare",
+                        where="lora.ranks")
+    from mira.federated.flower.secagg import check_secure_aggregation
+
+    check_secure_aggregation(cfg)
+    if cfg.privacy.enabled:
+        raise MiraError("differential privacy is not supported on the Flower runtime yet (see docs/privacy.md); "
+                        "run it with `mira run`", where="privacy")
 
 
 def run_server(grid, run_config) -> dict:

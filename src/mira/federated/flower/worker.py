@@ -80,6 +80,9 @@ class Worker:
         if kind == "fit":
             buf, metrics = rt.fit(FitTask(**req["task"]))
             return {"buf": buf, "metrics": metrics}
+        if kind == "fit_arrays":  # a SecAgg+ round (``secagg``)
+            arrays, metrics = rt.fit_arrays(FitTask(**req["task"]), req["arrays"])
+            return {"arrays": arrays, "metrics": metrics}
         if kind == "eval":
             losses, tokens, extra = rt.evaluate(req["bufs"], req["own"])
             return {"losses": losses, "tokens": tokens, "extra": extra}

@@ -41,6 +41,11 @@ class StrategyContext:
     seed: int
     keys: list[str]  # adapter keys in order
     rounds: int = 1  # the configured rounds T (the training budget is T x R local steps)
+    # per-client LoRA ranks (``lora.ranks``; None: every client has the slot's rank) and, once the
+    # engine has the model, each of those ranks' initial adapter; PEFT's scale is ``lora_alpha / r``
+    ranks: list[int] | None = None
+    inits: dict[int, AdapterState] = field(default_factory=dict)
+    lora_alpha: float = 16.0
 
 
 @dataclass
@@ -64,6 +69,12 @@ class Strategy:
     personalized: ClassVar[bool] = False  # each client evaluates its own adapter
     exchanges: ClassVar[bool] = True  # False: nothing is sent (local training)
     pooled: ClassVar[bool] = False  # True: one adapter on the pooled data (centralized)
+    # False: the rounds or steps depend on federation.rounds (ctx.rounds), so a resume may not change it
+    rounds_extendable: ClassVar[bool] = True
+    heterogeneous_ranks: ClassVar[bool] = False  # True: accepts per-client LoRA ranks (``lora.ranks``)
+    # True: the server step uses the uploads only through their mean, so central client-level DP
+    # (``mira.privacy.dp_fedavg``) can hand it one private mean instead
+    dp_central: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, ctx: StrategyContext, init: AdapterState):
         self.p = params
@@ -72,19 +83,33 @@ class Strategy:
 
     @classmethod
     def parse_params(cls, raw: dict) -> BaseModel:
+        """``Params`` from the config's ``algorithm`` options: strict types (``true`` is not a number,
+        ``"0.1"`` is not a float; an int is a valid float) and finite floats, as in the rest of the config."""
+        from mira.userfiles import pydantic_message
+        from mira.userfiles import dotted, first_non_finite
+
         try:
-            return cls.Params.model_validate(raw)
+            params = cls.Params.model_validate(raw, strict=True)
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown option for this algorithm" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown option for this algorithm" if err["type"] == "extra_forbidden" else pydantic_message(err)
             raise MiraError(f"{msg}", where=f"algorithm.{loc} ({cls.name})") from None
+        bad = first_non_finite(params)
+        if bad is not None:
+            raise MiraError(f"must be a finite number, got {bad[1]}", where=f"algorithm.{dotted(bad[0])} ({cls.name})")
+        return params
 
     @classmethod
     def check_setup(cls, params: BaseModel, ctx: StrategyContext) -> None:
         """Refuse, with a ``MiraError``, options that cannot work for this federation (e.g. MIRA's
         overshooting step). Needs no adapter, so ``mira compare`` and ``mira tune`` call it for
         every algorithm and seed before the first run starts; the constructor calls it too."""
+
+    @classmethod
+    def supports_ranks(cls, params: BaseModel) -> bool:
+        """Whether clients of different LoRA ranks can take part (``mira`` only with ``space: delta``)."""
+        return cls.heterogeneous_ranks
 
     def num_rounds(self, rounds: int) -> int:
         """Communication rounds for a budget of ``rounds`` x R local steps."""

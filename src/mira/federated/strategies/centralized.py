@@ -10,6 +10,7 @@ from mira.federated.strategies.fedit import FedIT
 @register_strategy
 class Centralized(FedIT):
     name = "centralized"
+    dp_central = False  # no client uploads
     Params = NoParams
     exchanges = False
     pooled = True

@@ -31,6 +31,7 @@ class FedITParams(BaseModel):
 class FedIT(Strategy):
     name = "fedit"
     Params = FedITParams
+    dp_central = True  # also fedprox, ffa_lora and the FedOpt family, which inherit it
 
     def __init__(self, params, ctx, init):
         super().__init__(params, ctx, init)

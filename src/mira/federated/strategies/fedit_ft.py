@@ -34,6 +34,8 @@ class FedITFTParams(FedITParams):
 @register_strategy
 class FedITFT(FedIT):
     name = "fedit_ft"
+    rounds_extendable = False  # its fine-tuning round comes after federation.rounds
+    dp_central = False  # its last round keeps each client's own fine-tuned adapter
     Params = FedITFTParams
     personalized = True
 

@@ -29,6 +29,20 @@ overshoots. Two checks:
   For a static graph that passed the first check this never triggers; for the ``similarity``
   graph (re-estimated every round, row sums up to K-1) this replaces the old configuration-time
   bound ``eta*lambda*(K-1) < 1``, which refused large lambdas although real row sums are smaller.
+
+**``space: delta``** (for clients of different LoRA ranks, ``lora.ranks``; also allowed with one rank).
+The step above (``space: factors``, the default, unchanged) moves ``A`` and ``B`` separately, which
+needs every client to have the same shapes. In delta space it is taken on the layers' actual deltas
+``D_k = s_k B_k A_k`` (PEFT's ``s_k = alpha / r_k``), in every module::
+
+    D_k <- (1 - eta*lambda*d_k) D_{k,R} + eta*lambda * sum_{l != k} a_kl D_l
+
+an exact linear combination of products of ranks ``r_k`` and ``r_l``, which is re-factored to client
+k's own rank by truncated SVD of the stacked factors (``strategies/ranks.py``; no ``out x in`` matrix is
+formed), ``B_k A_k = D_k,{r_k} / s_k``. The truncation is the one approximation; its relative error is
+logged (``svd_error_mean`` / ``_max`` over the updated clients and modules). A client with no
+neighbour this round keeps its uploaded factors as they are. ``graph: similarity`` compares flattened
+adapters and so needs one rank for all clients.
 """
 from __future__ import annotations
 
@@ -53,6 +67,7 @@ class MiraParams(BaseModel):
     graph_file: Optional[str] = None
     similarity: Literal["cosine", "centered"] = "cosine"  # graph: similarity only (see mira.federated.graph)
     similarity_average: bool = False
+    space: Literal["factors", "delta"] = "factors"  # delta: the step on s_k B_k A_k, for per-client ranks
 
 
 @register_strategy
@@ -63,10 +78,17 @@ class Mira(Strategy):
 
     def __init__(self, params, ctx, init):
         super().__init__(params, ctx, init)
-        self.adapters = {cid: dict(self.init) for cid in range(ctx.num_clients)}
+        if params.space == "delta" and ctx.ranks:  # each client starts from its own rank's initial adapter
+            self.adapters = {cid: dict(ctx.inits[ctx.ranks[cid]]) for cid in range(ctx.num_clients)}
+        else:
+            self.adapters = {cid: dict(self.init) for cid in range(ctx.num_clients)}
         self.graph = self._check(params, ctx)
         self.eta = params.eta if params.eta is not None else ctx.lr * ctx.local_steps
         self.graphs: list[np.ndarray] = []  # the graph used in each round
+
+    @classmethod
+    def supports_ranks(cls, params) -> bool:
+        return params.space == "delta"
 
     @classmethod
     def check_setup(cls, params, ctx) -> None:
@@ -78,6 +100,9 @@ class Mira(Strategy):
         if params.graph != "similarity" and (params.similarity != "cosine" or params.similarity_average):
             raise MiraError("similarity and similarity_average apply to graph: similarity only",
                             where="algorithm.similarity")
+        if params.graph == "similarity" and ctx.ranks and len(set(ctx.ranks)) > 1:
+            raise MiraError("graph: similarity compares flattened adapters, so it needs one LoRA rank for all "
+                            "clients; use a static graph with lora.ranks", where="algorithm.graph")
         graph = build_graph(params.graph, ctx.num_clients, ctx.seed, params.graph_file,
                             similarity=params.similarity, similarity_average=params.similarity_average)
         if graph.dynamic:  # checked against each round's graph instead (see the module docstring)
@@ -107,21 +132,48 @@ class Mira(Strategy):
         scaled = step * max_row >= 1
         if scaled:  # this round's graph would make the step overshoot: keep the own weight at 0.1
             step = 0.9 / max_row
-        new = {}
-        for k, wk in fresh.items():
-            pulled = {}
-            for key, value in wk.items():
-                lap = torch.zeros_like(value)
-                for l in neighbours:
-                    if l != k and a[k, l] != 0:
-                        wl = fresh[l] if l in fresh else self.adapters[l]
-                        lap += float(a[k, l]) * (value - wl[key])
-                pulled[key] = value - step * lap
-            new[k] = pulled
+        new, extra = {}, {}
+        if self.p.space == "delta":
+            new, extra = self._delta_step(fresh, neighbours, a, step)
+        else:
+            for k, wk in fresh.items():
+                pulled = {}
+                for key, value in wk.items():
+                    lap = torch.zeros_like(value)
+                    for l in neighbours:
+                        if l != k and a[k, l] != 0:
+                            wl = fresh[l] if l in fresh else self.adapters[l]
+                            lap += float(a[k, l]) * (value - wl[key])
+                    pulled[key] = value - step * lap
+                new[k] = pulled
         self.adapters.update(new)
         self.graphs.append(a.copy())
         return {"graph_edges": int((a > 0).sum() // 2), "step": float(step), "step_configured": float(configured),
-                "max_row_sum": float(max_row), "step_scaled": bool(scaled)}
+                "max_row_sum": float(max_row), "step_scaled": bool(scaled), **extra}
+
+    def _delta_step(self, fresh: dict, neighbours, a, step: float) -> tuple[dict, dict]:
+        """``space: delta``: each updated client's new factors (its own rank) and the truncation errors."""
+        from mira.federated.strategies.products import lora_pairs
+        from mira.federated.strategies.ranks import error_summary, peft_scale, rank_of, refactor_sum
+
+        modules = lora_pairs(self.ctx.keys or list(self.init))
+        alpha = self.ctx.lora_alpha
+        new, errors = {}, {}
+        for k, wk in fresh.items():
+            rk = rank_of(wk)
+            pulls = [(float(a[k, l]), fresh[l] if l in fresh else self.adapters[l])
+                     for l in neighbours if l != k and a[k, l] != 0]
+            if not pulls or step == 0:
+                new[k] = wk
+                continue
+            own = 1.0 - step * sum(c for c, _ in pulls)
+            # in units of client k's scale: D_k / s_k = own B_k A_k + sum_l step a_kl (s_l / s_k) B_l A_l
+            terms = [(own, wk)] + [(step * c * peft_scale(alpha, rank_of(wl)) / peft_scale(alpha, rk), wl)
+                                   for c, wl in pulls]
+            merged, errs = refactor_sum(terms, modules, [rk], {rk: wk})
+            new[k] = merged[rk]
+            errors.setdefault(rk, []).extend(errs[rk])
+        return new, error_summary(errors, per_rank=False) if errors else {}
 
     def adapter_for(self, cid: int):
         return self.adapters[cid]

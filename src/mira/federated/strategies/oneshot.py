@@ -32,6 +32,8 @@ class OneShotParams(BaseModel):
 @register_strategy
 class OneShot(FedIT):
     name = "oneshot"
+    rounds_extendable = False  # its local steps are scaled by federation.rounds
+    dp_central = False  # its merge weighs individual uploads
     Params = OneShotParams
 
     @classmethod

@@ -66,6 +66,23 @@ def fedavg_error(states: list[dict], weights: list[float], modules: list[LoraMod
     return _summary("fedavg_error", errors)
 
 
+def stacked_core(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(qb, core, qa)`` with ``b @ a = qb @ core @ qa^T`` (thin QR of the stacked factors; ``core``
+    is ``R x R`` for ``R`` stacked columns of ``b``, rows of ``a``)."""
+    qb, rb = torch.linalg.qr(b)  # b = qb rb
+    qa, ra = torch.linalg.qr(a.T)  # a = ra^T qa^T
+    return qb, rb @ ra.T, qa  # M = qb core qa^T
+
+
+def split_core(qb: Tensor, core: Tensor, qa: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """``(A, B, error)``: the rank-``rank`` truncated SVD of ``M = qb core qa^T`` as ``B = U sqrt(S)``,
+    ``A = sqrt(S) V^T`` (zero-padded when ``M`` has lower rank) and ``||M - B A||_F / ||M||_F``."""
+    a_c, b_c = refactor(core, rank)
+    norm = float(torch.linalg.matrix_norm(core))
+    error = float(torch.linalg.matrix_norm(core - b_c @ a_c)) / norm if norm > 0 else 0.0
+    return a_c @ qa.T, qb @ b_c, error
+
+
 def exact_average(states: list[dict], weights: list[float], modules: list[LoraModule]) -> tuple[dict, dict]:
     """``(factors, info)``: for every module, ``A, B`` (same rank, dtype and shapes as the
     uploads) with ``B @ A`` the truncated SVD of ``sum_k w_k B_k A_k``; ``info`` has the
@@ -75,12 +92,8 @@ def exact_average(states: list[dict], weights: list[float], modules: list[LoraMo
         ref_a, ref_b = states[0][m.a_key], states[0][m.b_key]
         rank = ref_a.shape[0]
         b, a = _stack(states, weights, m)
-        qb, rb = torch.linalg.qr(b)  # b = qb rb
-        qa, ra = torch.linalg.qr(a.T)  # a = ra^T qa^T
-        core = rb @ ra.T  # M = qb core qa^T
-        a_c, b_c = refactor(core, rank)
-        norm = float(torch.linalg.matrix_norm(core))
-        errors.append(float(torch.linalg.matrix_norm(core - b_c @ a_c)) / norm if norm > 0 else 0.0)
-        out[m.a_key] = (a_c @ qa.T).to(ref_a.device, ref_a.dtype)
-        out[m.b_key] = (qb @ b_c).to(ref_b.device, ref_b.dtype)
+        a_m, b_m, error = split_core(*stacked_core(b, a), rank)
+        errors.append(error)
+        out[m.a_key] = a_m.to(ref_a.device, ref_a.dtype)
+        out[m.b_key] = b_m.to(ref_b.device, ref_b.dtype)
     return out, _summary("svd_error", errors)
