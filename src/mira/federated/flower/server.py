@@ -346,11 +346,17 @@ def flower_engine_class():
                 progress.client_done()
             replied = len(sampled) - len(failed)
             need = self.cfg.federation.min_clients
+            if self.privacy is not None:  # Poisson sampling may sample fewer (even none): the round still counts
+                need = min(need, len(sampled))
             if replied < need:
                 raise MiraError(f"round {rnd}: {replied} of {len(sampled)} sampled clients replied, fewer than "
                                 f"federation.min_clients={need}; the run stops at round {rnd - 1} (resume continues "
                                 f"from its checkpoint)", where="federation.min_clients")
-            info = self.strategy.aggregate_fit(rnd, results)
+            aggregate, dp_info = results, {}
+            if self.privacy is not None:  # central DP: the same private mean as in the engine (mira.privacy)
+                start = {k: v for k, v in self.strategy.configure_fit(0).adapter.items() if k in keys}
+                aggregate, dp_info = self.privacy.server_aggregate(rnd, results, start, keys)
+            info = {**self.strategy.aggregate_fit(rnd, aggregate), **dp_info}
             entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": time.perf_counter() - t0,
                      "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps,
                      "train_loss": {str(c): r.metrics["train_loss"] for c, r in results.items()},
@@ -450,9 +456,12 @@ def check_supported(cfg) -> None:
     from mira.federated.flower.secagg import check_secure_aggregation
 
     check_secure_aggregation(cfg)
-    if cfg.privacy.enabled:
-        raise MiraError("differential privacy is not supported on the Flower runtime yet (see docs/privacy.md); "
-                        "run it with `mira run`", where="privacy")
+    if cfg.privacy.sample is not None:
+        raise MiraError("DP-SGD is not supported on the Flower runtime yet (see docs/privacy.md); run it with "
+                        "`mira run`", where="privacy.sample")
+    if cfg.privacy.client is not None and cfg.privacy.client.mode != "central":
+        raise MiraError("local DP is not supported on the Flower runtime yet (central DP is; see docs/privacy.md); "
+                        "run it with `mira run`", where="privacy.client.mode")
 
 
 def run_server(grid, run_config) -> dict:
