@@ -12,6 +12,15 @@ single adapter on the mean loss over the 8 tasks?
     python benchmarks/glue_experiment.py [--run runs/compare-dolly/seed_0/mira] [--run ...]
 
 Writes ``benchmarks/results/glue.json`` (and each variant's report under ``runs/glue-bench/``).
+
+``--router-study``: does the router route? For each ``--seeds`` value (the draw of the held-out
+validation/test records), one zoo with every adapter its own expert (threshold 0.95), and per
+gate (``centroid`` at the old fixed temperature 0.05, ``centroid`` with the temperature
+calibrated on validation, ``linear`` trained on validation): own-task routing accuracy on the
+held-out test prompts, weight entropy, and test loss of the hard router, the soft LoRA mixture,
+the uniform delta average and the best single expert. Writes ``benchmarks/results/glue_router.json``.
+
+    python benchmarks/glue_experiment.py --router-study --seeds 1 2 3
 """
 from __future__ import annotations
 
@@ -69,8 +78,13 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs/glue-bench"))
     ap.add_argument("--n-val", type=int, default=16)
     ap.add_argument("--n-test", type=int, default=24)
-    ap.add_argument("--budget", type=int, default=16, help="CMA-ES evaluations per cluster")
+    ap.add_argument("--budget", type=int, default=40,
+                    help="CMA-ES evaluations per cluster (40: the best member + 4 generations of 8 + 7)")
+    ap.add_argument("--router-study", action="store_true", help="the router study instead of the four variants")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="held-out draws (router study)")
     args = ap.parse_args()
+    if args.router_study:
+        return router_study(args)
     assets = Path(os.environ.get("MIRA_ASSETS", "/work/shared"))
     dolly = assets / "data/dolly-15k/databricks-dolly-15k.jsonl"
     model = assets / "models/stories260K"
@@ -121,6 +135,60 @@ def main() -> None:
             results["seconds"] = round(time.perf_counter() - t_start, 1)
             atomic_write_json(args.out, results)
     print(f"wrote {args.out} in {results['seconds']} s")
+
+
+GATES = [("centroid, T=0.05 (before)", {"gate": "centroid", "temperature": 0.05}),
+         ("centroid, calibrated T", {"gate": "centroid", "temperature": "auto"}),
+         ("linear gate", {"gate": "linear"})]
+
+
+def router_study(args) -> None:
+    assets = Path(os.environ.get("MIRA_ASSETS", "/work/shared"))
+    dolly = assets / "data/dolly-15k/databricks-dolly-15k.jsonl"
+    model = assets / "models/stories260K"
+    run = Path(args.run[0] if args.run else ROOT / "runs/compare-dolly/seed_0/mira").resolve()
+    out = Path(args.out if args.out != str(ROOT / "benchmarks/results/glue.json")
+               else ROOT / "benchmarks/results/glue_router.json")
+    work = Path(args.work) / "router"
+    t_start = time.perf_counter()
+    results: dict = {"machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU core(s) "
+                                f"(shared), torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+                     "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
+                     "n_val_per_task": args.n_val, "n_test_per_task": args.n_test, "rows": []}
+    for seed in args.seeds:
+        val, test = held_out(dolly, run, args.n_val, args.n_test, seed=seed)
+        data_dir = work / f"seed_{seed}" / "data"
+        write_jsonl(data_dir / "val.jsonl", val)
+        write_jsonl(data_dir / "test.jsonl", test)
+        for label, gate in GATES:
+            es = {"max_length": 256, "template": "compact", "overflow": "truncate_input"}
+            zoo = {"base_model": str(model), "run": str(run),
+                   "validation": {"path": str(data_dir / "val.jsonl"), "max_per_task": args.n_val, **es},
+                   "test": {"path": str(data_dir / "test.jsonl"), "max_per_task": args.n_test, **es},
+                   "cluster": {"threshold": 0.95}, "strategy": {"name": "heuristic_coefficient"},
+                   "mixture": {"kind": "lora", **gate}, "seed": seed}
+            t0 = time.perf_counter()
+            res = run_glue(zoo, work / f"seed_{seed}" / gate["gate"] / str(gate.get("temperature", "")),
+                           overwrite=True, log=lambda s: print(s, flush=True))
+            by = {e["name"]: e for e in res["entries"]}
+            members = [e for e in res["entries"] if e["kind"] == "member"]
+            best_test = min(members, key=lambda e: e["test_mean_loss"])  # best single, chosen on test (optimistic)
+            r = by["router"]
+            row = {"seed": seed, "gate": label, "experts": len(res["clusters"]),
+                   "test_routing_accuracy": r["test_accuracy"], "val_routing_accuracy": r["val_accuracy"],
+                   "temperature": r["temperature"], "test_weight_entropy": round(r["test_weight_entropy"], 4),
+                   "test_max_weight": round(r["test_max_weight"], 4),
+                   "test_loss": {"router": round(r["test_mean_loss"], 4),
+                                 "lora_mixture": round(by["lora_mixture"]["test_mean_loss"], 4),
+                                 "uniform_delta_average": round(by["uniform_delta_average"]["test_mean_loss"], 4),
+                                 "best_single_by_val": round(by[res["best_single"]]["test_mean_loss"], 4),
+                                 "best_single_by_test": round(best_test["test_mean_loss"], 4)},
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            results["seconds"] = round(time.perf_counter() - t_start, 1)
+            atomic_write_json(out, results)
+    print(f"wrote {out} in {results['seconds']} s")
 
 
 def _offdiag_mean(sim: list[list[float]]) -> float:

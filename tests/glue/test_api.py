@@ -20,6 +20,7 @@ def test_auto_mixture_with_evolutionary(tiny_zoo, tmp_path):
     by = {e["name"]: e for e in res["entries"]}
     assert res["final"] == min(("router", "lora_mixture"), key=lambda n: by[n]["val_mean_loss"])
     assert res["clusters"][0]["strategy"] == "evolutionary"
+    assert res["clusters"][0]["search"]["budget"] == 4 and "generations" in res["clusters"][0]["search"]
     assert by["cluster_0"]["val_mean_loss"] <= by["ad_add"]["val_mean_loss"] + 1e-6
     assert json.loads((tmp_path / "out" / "glue.json").read_text())["final"] == res["final"]
 

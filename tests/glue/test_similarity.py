@@ -82,3 +82,18 @@ def test_full_models_compare_task_vectors():
     assert similarity(m1, m2) > 0.95
     assert similarity(m1, m2, base) < 0.5
     assert cluster([m1, m2], 0.95, base=base) == [[0], [1]]
+
+
+def test_similarity_uses_attention_and_mlp_weights_only():
+    """Members that differ only in embeddings / lm_head are identical on attention and MLP weights."""
+    g = torch.Generator().manual_seed(1)
+    shared = {f"model.layers.0.{m}.weight": torch.randn(16, 16, generator=g)
+              for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}
+    m1 = Member("m1", Path("."), "model", {**shared, "model.embed_tokens.weight": torch.randn(40, 16, generator=g),
+                                            "lm_head.weight": torch.randn(40, 16, generator=g)}, model_type="llama")
+    m2 = Member("m2", Path("."), "model", {**shared, "model.embed_tokens.weight": torch.randn(40, 16, generator=g),
+                                            "lm_head.weight": torch.randn(40, 16, generator=g)}, model_type="llama")
+    assert abs(similarity(m1, m2) - 1.0) < 1e-6
+    from mira.glue.similarity import comparable_matrices
+
+    assert set(comparable_matrices(m1)) == set(shared)

@@ -49,6 +49,8 @@ class LoraMixture:
         self.evaluator = evaluator
         self.states = list(states)
         cfg = evaluator.lora_config
+        # the evaluator's slot has scaling alpha / r (1 for the zoo's common form, where each member's own
+        # PEFT scaling is already folded into B; see mira.glue.zoo.normalise_adapters)
         self.scales = [float(cfg.lora_alpha) / float(cfg.r)] * len(states)
         rank = int(cfg.r) * len(states)
         self.scale = 1.0
@@ -62,6 +64,16 @@ class LoraMixture:
 
     def state_for(self, weights: Sequence[float]) -> dict[str, Tensor]:
         return stack_experts(self.states, weights, self.scales, self.scale)
+
+    def fixed_losses(self, ds: TokenizedDataset, weights: Sequence[float]) -> SeqLosses:
+        """Per-sequence losses with the same ``weights`` for every sequence (batched)."""
+        model = self.evaluator.model
+        model.set_adapter(MIXTURE)
+        try:
+            self.slot.set(self.state_for([float(w) for w in weights]))
+            return sequence_losses(model, ds, self.evaluator.pad_id, self.evaluator.batch_size)
+        finally:
+            model.set_adapter("default")
 
     def losses(self, ds: TokenizedDataset, weights: Tensor | np.ndarray) -> SeqLosses:
         """Per-sequence losses, sequence ``i`` answered by the mixture with ``weights[i]``."""

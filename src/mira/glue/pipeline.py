@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -23,9 +24,9 @@ from mira.data.prompts import TokenizedDataset, tokenize_records
 from mira.data.records import Record, load_records
 from mira.errors import MiraError
 from mira.glue.lora_mixture import LoraMixture
-from mira.glue.router import HiddenRouter, best_expert, routed_losses
+from mira.glue.router import HiddenRouter, best_expert, normalised_entropy, routed_losses
 from mira.glue.scoring import Evaluator, SeqLosses, score_of, task_losses
-from mira.glue.similarity import cluster, similarity_matrix
+from mira.glue.similarity import cluster, matrices_of, matrices_similarity, similarity_matrix
 from mira.glue.strategies import StrategyOptions, get_strategy, memoised
 from mira.glue.zoo import EvalSetSpec, load_members, load_zoo, resolve
 from mira.io import atomic_dir, atomic_torch_save
@@ -34,7 +35,8 @@ Log = Callable[[str], None]
 
 
 def load_eval_set(es: EvalSetSpec, root: Path, tokenizer, where: str) -> TokenizedDataset:
-    """Records of an eval set (per task: shuffled with ``seed``, ``skip_per_task`` dropped, ``max_per_task`` kept)."""
+    """Records of an eval set: per task, the records a run with ``data.max_per_task = skip_per_task`` and
+    ``data.seed = seed`` drew are dropped (exactly), the rest shuffled (seeded) and ``max_per_task`` kept."""
     import random
 
     from pydantic import ValidationError
@@ -57,12 +59,20 @@ def load_eval_set(es: EvalSetSpec, root: Path, tokenizer, where: str) -> Tokeniz
     by_task: dict[str, list[Record]] = {}
     for r in records:
         by_task.setdefault(r.task, []).append(r)
-    rng = random.Random(es.seed)
+    # skip_per_task: exactly the records a run with data.max_per_task = skip_per_task and data.seed = seed
+    # drew (mira.data.records.load_records: one Random(seed), tasks in sorted order, rng.sample per task
+    # when a task has more records; all of a task otherwise), by position, so duplicates count once each
+    draw = random.Random(es.seed)
+    rng = random.Random(es.seed + 1)
     chosen: list[Record] = []
     for task in sorted(by_task):
         group = list(by_task[task])
+        if es.skip_per_task:
+            n = len(group)
+            drawn = set(draw.sample(range(n), es.skip_per_task)) if n > es.skip_per_task else set(range(n))
+            group = [r for i, r in enumerate(group) if i not in drawn]
         rng.shuffle(group)
-        group = group[es.skip_per_task: es.skip_per_task + es.max_per_task]
+        group = group[: es.max_per_task]
         if not group:
             raise MiraError(f"no {task!r} records left after skip_per_task={es.skip_per_task}", where=where)
         chosen += group
@@ -157,13 +167,21 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
     expert_test: list[SeqLosses | None] = []
     for ci, idx in enumerate(clusters):
         states = [members[i].state for i in idx]
+        search: dict = {}
         if len(idx) == 1:
             weights, trace = [1.0], []
         else:
             score = memoised(lambda w, states=states: ev.score(ev.merge(states, w), val))
             sub_sim = [[sim[a][b] for b in idx] for a in idx]
-            sel = strategy.select([scores[i] for i in idx], sub_sim, score, options)
+            mats = [matrices_of(ev.kind, s, ev.base_state) for s in states]
+
+            def merge_similarity(w, i, states=states, mats=mats) -> float:
+                return matrices_similarity(matrices_of(ev.kind, ev.merge(states, w), ev.base_state), mats[i])
+
+            sel = strategy.select([scores[i] for i in idx], sub_sim, score,
+                                  dataclasses.replace(options, merge_similarity=merge_similarity))
             weights = sel.weights
+            search = sel.info
             trace = [dict(t, member=members[idx[t["member"]]].name) if "member" in t else t for t in sel.trace]
         state = ev.merge(states, weights)
         merged_states.append(state)
@@ -176,9 +194,13 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
         info = {"members": [members[i].name for i in idx], "weights": [float(w) / total for w in weights],
                 "strategy": strategy.name if len(idx) > 1 else "single", "trace": trace,
                 "tasks": sorted({task for i in idx for task in owned[i]})}
+        if search:
+            info["search"] = search
         cluster_info.append(info)
         entries.append(_entry(name, "cluster", v, t, **{k: info[k] for k in ("members", "weights", "strategy")}))
-        log(f"{name}: {len(idx)} member(s), weights {[round(w, 3) for w in weights]}, val mean loss {-score_of(v):.4f}")
+        log(f"{name}: {len(idx)} member(s), weights {[round(w, 3) for w in weights]}, val mean loss {-score_of(v):.4f}"
+            + (f"; CMA-ES {search['generations']} generation(s) of {search['popsize']}, "
+               f"{search['evaluations']}/{search['budget']} evaluations" if "generations" in search else ""))
 
     # 4. mixtures across clusters
     owner_of_task = {}
@@ -190,11 +212,23 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
     feats_val = ev.prompt_features(val)
     feats_test = ev.prompt_features(test) if test is not None else None
     owners = [owner_of_task.get(task, -1) for task in val_tasks]
-    router = HiddenRouter.from_features(feats_val, owners, len(clusters), spec.mixture.temperature)
+    owners_test = [owner_of_task.get(task, -1) for task in test_tasks]
+    mx = spec.mixture
+    router = HiddenRouter.standardised(feats_val, owners, len(clusters),
+                                       0.05 if mx.temperature == "auto" else float(mx.temperature))
+    if mx.gate == "centroid" and mx.temperature == "auto" and len(clusters) > 1:
+        router.calibrate(feats_val, owners)
     nll_val = np.stack([e.nll for e in expert_val], 1)
     targets = best_expert(nll_val, expert_val[0].tokens)
-    router_init_acc = float(np.mean([c == o for c, o in zip(router.route(feats_val), owners) if o >= 0] or [0.0]))
-    fit_history = router.fit(feats_val, targets, spec.mixture.train_steps, spec.mixture.lr, spec.seed)
+
+    def accuracy(feats, own) -> float | None:
+        pairs = [(c, o) for c, o in zip(router.route(feats), own) if o >= 0]
+        return float(np.mean([c == o for c, o in pairs])) if pairs else None
+
+    router_init_acc = accuracy(feats_val, owners)
+    fit_history = router.fit(feats_val, targets, mx.train_steps, mx.lr, spec.seed) if mx.gate == "centroid" else []
+    if mx.gate == "linear" and len(clusters) > 1:
+        fit_history = [router.fit_linear(feats_val, owners)]
 
     def routed(feats, losses: list[SeqLosses]) -> SeqLosses:
         nll = np.stack([e.nll for e in losses], 1)
@@ -204,16 +238,35 @@ def run_glue(zoo: str | os.PathLike | dict, out_dir: str | os.PathLike, overwrit
     r_test = routed(feats_test, expert_test) if test is not None else None  # type: ignore[arg-type]
     v, t = per_task(r_val, r_test)
     routing = np.bincount(router.route(feats_val), minlength=len(clusters)).tolist()
+    w_val = router.weights(feats_val)
+    gate_info = {"gate": mx.gate, "temperature": router.temperature if mx.gate == "centroid" else None,
+                 "val_accuracy": accuracy(feats_val, owners),
+                 "test_accuracy": accuracy(feats_test, owners_test) if test is not None else None,
+                 "val_weight_entropy": normalised_entropy(w_val),
+                 "val_max_weight": float(w_val.max(-1).values.mean())}
+    if test is not None:
+        w_test = router.weights(feats_test)
+        gate_info.update(test_weight_entropy=normalised_entropy(w_test),
+                         test_max_weight=float(w_test.max(-1).values.mean()))
     entries.append(_entry("router", "router", v, t, routing_counts=routing, init_accuracy=router_init_acc,
-                          train_steps=spec.mixture.train_steps))
-    log(f"router: val mean loss {-score_of(v):.4f} (own-task routing accuracy at init {router_init_acc:.2f})")
+                          train_steps=mx.train_steps, **gate_info))
+    log(f"router ({mx.gate} gate): val mean loss {-score_of(v):.4f}; own-task routing accuracy val "
+        f"{gate_info['val_accuracy']}, test {gate_info['test_accuracy']}; weight entropy "
+        f"{gate_info['val_weight_entropy']:.3f} (1 = uniform)")
     if ev.kind == "adapter" and len(clusters) > 1:
         mix = LoraMixture(ev, merged_states)
-        m_val = mix.losses(val, router.weights(feats_val))
+        m_val = mix.losses(val, w_val)
         m_test = mix.losses(test, router.weights(feats_test)) if test is not None else None
         v, t = per_task(m_val, m_test)
-        entries.append(_entry("lora_mixture", "lora_mixture", v, t, temperature=spec.mixture.temperature))
+        entries.append(_entry("lora_mixture", "lora_mixture", v, t, **gate_info))
         log(f"lora mixture: val mean loss {-score_of(v):.4f}")
+        # the same experts with fixed uniform weights: the exact average of their deltas B @ A
+        uniform = [1.0 / len(clusters)] * len(clusters)
+        u_val = mix.fixed_losses(val, uniform)
+        u_test = mix.fixed_losses(test, uniform) if test is not None else None
+        v, t = per_task(u_val, u_test)
+        entries.append(_entry("uniform_delta_average", "baseline", v, t))
+        log(f"uniform delta average of the cluster merges: val mean loss {-score_of(v):.4f}")
 
     by_name = {e["name"]: e for e in entries}
     if len(clusters) == 1:

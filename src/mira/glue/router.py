@@ -1,10 +1,18 @@
 """Model-level mixture: a "hidden" gate that sends each input to one expert (Model-GLUE).
 
-Each expert (a cluster's merged model or adapter) gets a centroid: the mean hidden state
-of the base model over the prompts of its members' own tasks. An input is routed to the
-expert whose centroid is nearest in cosine similarity; ``weights`` gives the softmax over
-``cos / temperature`` for soft mixtures. ``fit`` optionally trains the centroids a few
-steps, with cross-entropy towards the expert that has the lowest loss on each example.
+Features are the base model's mean last-layer hidden state over a prompt, **standardised**
+with the validation set's mean and standard deviation (raw hidden states share one large
+common direction, so raw cosines are all alike and the softmax is almost uniform).
+
+* ``centroid`` gate: each expert (a cluster's merged model or adapter) gets a centroid, the
+  mean standardised feature over the prompts of its members' own tasks; logits are
+  ``cos(feature, centroid) / temperature``. ``calibrate`` picks the temperature that
+  minimises the cross-entropy of own-task routing on the validation set.
+* ``linear`` gate: a softmax regression ``W x + b`` on the frozen standardised features,
+  trained on the validation prompts towards their own task's expert (L2-regularised, LBFGS).
+
+``route`` takes the arg-max, ``weights`` the softmax (soft mixtures). ``fit`` optionally
+trains the centroids a few steps towards the expert with the lowest loss on each example.
 """
 from __future__ import annotations
 
@@ -22,8 +30,12 @@ class HiddenRouter:
     """Cosine gate over expert centroids in the base model's hidden space."""
 
     centroids: Tensor
-    """``[num_experts, hidden]``."""
+    """``[num_experts, hidden]`` (in standardised feature space when ``mean`` is set)."""
     temperature: float = 0.05
+    mean: Tensor | None = None
+    std: Tensor | None = None
+    linear: tuple[Tensor, Tensor] | None = None
+    """``(W [experts, hidden], b [experts])`` of a trained linear gate; replaces the centroids."""
 
     @classmethod
     def from_features(cls, features: Tensor, owners: Sequence[int], num_experts: int,
@@ -39,9 +51,58 @@ class HiddenRouter:
             rows.append(features[mask].mean(0) if bool(mask.any()) else features.mean(0))
         return cls(torch.stack(rows).float(), temperature)
 
+    @classmethod
+    def standardised(cls, features: Tensor, owners: Sequence[int], num_experts: int,
+                     temperature: float = 0.05) -> HiddenRouter:
+        """Centroids in the feature space standardised with ``features``' mean and std."""
+        mean, std = features.float().mean(0), features.float().std(0).clamp_min(1e-6)
+        router = cls.from_features((features.float() - mean) / std, owners, num_experts, temperature)
+        router.mean, router.std = mean, std
+        return router
+
+    def prepare(self, features: Tensor) -> Tensor:
+        x = features.float()
+        return (x - self.mean) / self.std if self.mean is not None else x
+
     def logits(self, features: Tensor) -> Tensor:
-        """``cos(feature, centroid) / temperature``, ``[n, num_experts]``."""
-        return F.normalize(features.float(), dim=-1) @ F.normalize(self.centroids, dim=-1).T / self.temperature
+        """Gate logits ``[n, num_experts]``: ``cos(feature, centroid) / temperature`` or the linear gate's."""
+        x = self.prepare(features)
+        if self.linear is not None:
+            w, b = self.linear
+            return x @ w.T + b
+        return F.normalize(x, dim=-1) @ F.normalize(self.centroids, dim=-1).T / self.temperature
+
+    def calibrate(self, features: Tensor, owners: Sequence[int]) -> float:
+        """Set the temperature that minimises own-task routing cross-entropy on ``features``; return it."""
+        keep = [i for i, o in enumerate(owners) if o >= 0]
+        if not keep:
+            return self.temperature
+        x = F.normalize(self.prepare(features[keep]), dim=-1)
+        cos = x @ F.normalize(self.centroids, dim=-1).T
+        y = torch.as_tensor([owners[i] for i in keep])
+        grid = torch.logspace(-3, 1, 81).tolist()
+        self.temperature = float(min(grid, key=lambda t: float(F.cross_entropy(cos / t, y))))
+        return self.temperature
+
+    def fit_linear(self, features: Tensor, owners: Sequence[int], l2: float = 1e-2, steps: int = 100) -> float:
+        """Train the linear gate on ``features`` towards ``owners`` (LBFGS); return the final loss."""
+        keep = [i for i, o in enumerate(owners) if o >= 0]
+        x = self.prepare(features[keep])
+        y = torch.as_tensor([owners[i] for i in keep])
+        n_exp = self.centroids.shape[0]
+        w = torch.zeros(n_exp, x.shape[1], requires_grad=True)
+        b = torch.zeros(n_exp, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w.T + b, y) + l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        loss = float(opt.step(closure).detach())
+        self.linear = (w.detach(), b.detach())
+        return loss
 
     def route(self, features: Tensor) -> list[int]:
         """Index of the nearest centroid for each feature row."""
@@ -59,7 +120,7 @@ class HiddenRouter:
         centroids = self.centroids.clone().requires_grad_(True)
         opt = torch.optim.Adam([centroids], lr=lr)
         y = torch.as_tensor(list(targets))
-        x = F.normalize(features.float(), dim=-1)
+        x = F.normalize(self.prepare(features), dim=-1)
         history = []
         for _ in range(steps):
             loss = F.cross_entropy(x @ F.normalize(centroids, dim=-1).T / self.temperature, y)
@@ -71,7 +132,18 @@ class HiddenRouter:
         return history
 
     def state_dict(self) -> dict:
-        return {"centroids": self.centroids.clone(), "temperature": self.temperature}
+        out = {"centroids": self.centroids.clone(), "temperature": self.temperature}
+        if self.mean is not None:
+            out.update(mean=self.mean.clone(), std=self.std.clone())
+        if self.linear is not None:
+            out.update(linear_weight=self.linear[0].clone(), linear_bias=self.linear[1].clone())
+        return out
+
+
+def normalised_entropy(weights: Tensor) -> float:
+    """Mean entropy of the rows of ``weights`` divided by ``log(num_experts)`` (1 = uniform)."""
+    w = weights.float().clamp_min(1e-12)
+    return float((-(w * w.log()).sum(-1)).mean() / np.log(w.shape[1])) if w.shape[1] > 1 else 0.0
 
 
 def routed_losses(nll: np.ndarray, tokens: np.ndarray, choice: Sequence[int]) -> np.ndarray:

@@ -88,11 +88,20 @@ class Evaluator:
 
             assert base_path is not None
             model, self.tokenizer = load_base(str(base_path), device="cpu", where="base_model")
-            cfg = members[0].config
-            lora = LoraConfig(r=int(cfg["r"]), lora_alpha=float(cfg.get("lora_alpha", cfg["r"])), lora_dropout=0.0,
-                              target_modules=list(cfg["target_modules"]), bias="none", task_type="CAUSAL_LM")
-            self.slot = AdapterSlot(get_peft_model(model, lora))
-            if set(self.slot.keys()) != set(members[0].state):
+            # members' states are in the zoo's common form (mira.glue.zoo.normalise_adapters): scaling 1,
+            # the zoo's largest rank, the union of the modules -- so one slot scores every member exactly
+            state0 = members[0].state
+            modules = sorted(k.split(".lora_A.")[0].removeprefix("base_model.model.") for k in state0 if ".lora_A." in k)
+            rank = int(next(v for k, v in state0.items() if ".lora_A." in k).shape[0])
+            lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=modules, bias="none",
+                              task_type="CAUSAL_LM")
+            try:
+                self.slot = AdapterSlot(get_peft_model(model, lora))
+            except ValueError as e:  # PEFT: a target module that the base model does not have
+                raise MiraError(f"the adapters do not fit base model {base_path}: {str(e).splitlines()[0][:200]}",
+                                where="base_model") from None
+            shapes = {k: tuple(v.shape) for k, v in self.slot.get().items()}
+            if shapes != {k: tuple(v.shape) for k, v in state0.items()}:
                 raise MiraError(f"adapter {members[0].path} does not fit base model {base_path}", where="base_model")
             self.model = self.slot.model
             self.lora_config = lora

@@ -13,8 +13,8 @@ per target task::
       max_length: 256                                # template: auto|alpaca|compact|chat; overflow: drop|truncate_input
     test: {...}                                      # optional held-out set, same format
     cluster: {threshold: 0.95}
-    strategy: {name: heuristic_coefficient, budget: 30}
-    mixture: {kind: auto, temperature: 0.05, train_steps: 0}
+    strategy: {name: heuristic_coefficient, budget: 40}
+    mixture: {kind: auto, gate: linear, temperature: auto, train_steps: 0}
 
 Relative paths are resolved against the current folder, then against the zoo file's.
 Every mistake is a ``MiraError`` naming the field.
@@ -59,7 +59,8 @@ class EvalSetSpec(_Strict):
     template: str = "auto"  # mira.data.prompts: auto (chat if the tokenizer has one, else alpaca), compact, ...
     overflow: Literal["drop", "truncate_input"] = "drop"
     skip_per_task: int = Field(0, ge=0)
-    """Drop this many records of each task first (e.g. those a run trained on)."""
+    """Drop, per task, exactly the records a run drew with ``data.max_per_task: skip_per_task`` and
+    ``data.seed: seed`` on the same source and tasks (its training and test records)."""
     seed: int = 0
 
 
@@ -69,8 +70,9 @@ class ClusterSpec(_Strict):
 
 class StrategySpec(_Strict):
     name: str = "heuristic_coefficient"
-    budget: int = Field(30, gt=0)
-    """Most validation evaluations per cluster (evolutionary); the heuristics need fewer."""
+    budget: int = Field(40, gt=0)
+    """Most validation evaluations per cluster (evolutionary: 40 = the best member + 4 complete CMA-ES
+    generations of 8 + a partial one, for 4+ members); the heuristics need fewer."""
     sigma: float = Field(0.3, gt=0)
     method: str | None = None
     """In-memory merge method; default ``linear`` (adapters, factors) or ``task_arithmetic`` (models + base)."""
@@ -80,7 +82,11 @@ class MixtureSpec(_Strict):
     kind: Literal["auto", "router", "lora"] = "auto"
     """The final model: ``router`` picks one cluster merge per input; ``lora`` mixes them per sequence;
     ``auto`` takes whichever of the two has the lower validation loss (``router`` for full models)."""
-    temperature: float = Field(0.05, gt=0)
+    gate: Literal["centroid", "linear"] = "linear"
+    """``linear``: a softmax regression on the frozen (standardised) prompt features, trained on the
+    validation prompts towards their own task's expert; ``centroid``: cosine to per-expert centroids."""
+    temperature: float | Literal["auto"] = "auto"
+    """Centroid gate: softmax temperature of the cosines; ``auto`` calibrates it on validation."""
     train_steps: int = Field(0, ge=0)
     lr: float = Field(0.05, gt=0)
 
@@ -151,11 +157,77 @@ class Member:
     model_type: str = ""
     config: dict = field(default_factory=dict)
     """adapter_config.json (adapters) or config.json (models)."""
+    lora: tuple = ()
+    """Adapters: ``((module, rank, scaling), ...)`` as PEFT applies them (rank, alpha, rsLoRA, patterns, targets)."""
+    shapes: tuple = ()
+    """Every tensor's name and shape as stored in the member's files."""
+
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            self.shapes = tuple(sorted((k, tuple(v.shape)) for k, v in self.state.items()))
 
     @property
     def signature(self) -> tuple:
-        """Architecture key: model type, and every tensor's name and shape."""
-        return (self.kind, self.model_type, tuple(sorted((k, tuple(v.shape)) for k, v in self.state.items())))
+        """Architecture key: model type, every stored tensor's name and shape, and (adapters) each module's
+        rank and PEFT scaling -- everything that changes the function the member computes."""
+        return (self.kind, self.model_type, self.shapes, self.lora)
+
+
+def lora_settings(state: dict[str, torch.Tensor], cfg: dict, where: str) -> tuple:
+    """``((module, rank, scaling), ...)`` of a PEFT LoRA adapter; a ``MiraError`` for what glue cannot score."""
+    from mira.merge.lora import lora_modules, scaling
+
+    if cfg.get("use_dora"):
+        raise MiraError("DoRA adapters are not supported by mira glue (LoRA only)", where=where)
+    modules = lora_modules(state, where)
+    covered = {k for m in modules for k in (m.a_key, m.b_key)}
+    odd = [k for k in state if k not in covered]
+    if odd or not modules:
+        raise MiraError(f"mira glue supports LoRA on linear layers only; the adapter also has {odd[0]}" if odd
+                        else "the adapter has no lora_A/lora_B weights", where=where)
+    out = []
+    for m in modules:
+        rank = int(state[m.a_key].shape[0])
+        out.append((m.name, rank, float(scaling(cfg, m.name, rank))))
+    return tuple(sorted(out))
+
+
+def normalise_adapters(members: list[Member]) -> tuple[int, list[str]]:
+    """Rewrite every adapter member's state, exactly, in one common form; return ``(rank, modules)``.
+
+    The common form has PEFT scaling 1 (the member's ``alpha / r`` or ``alpha / sqrt(r)`` folded
+    into ``B``), the largest rank of the zoo (``A`` padded with zero rows, ``B`` with zero columns)
+    and the union of the modules (zero factors where a member has none), so ``B @ A`` of every
+    module equals the delta PEFT applies for that member. One LoRA slot then scores them all.
+    """
+    from mira.merge.lora import KEY_PREFIX
+
+    rank = max(r for m in members for _, r, _ in m.lora)
+    shapes: dict[str, tuple[int, int]] = {}
+    for m in members:
+        for name, _r, _s in m.lora:
+            a = m.state[f"{KEY_PREFIX}{name}.lora_A.weight"]
+            b = m.state[f"{KEY_PREFIX}{name}.lora_B.weight"]
+            shape = (int(b.shape[0]), int(a.shape[1]))
+            if shapes.setdefault(name, shape) != shape:
+                raise MiraError(f"adapters disagree on the shape of module {name}: {shapes[name]} vs {shape}",
+                                where=f"members ({m.name})")
+    modules = sorted(shapes)
+    for m in members:
+        own = {name: (r, s) for name, r, s in m.lora}
+        new: dict[str, torch.Tensor] = {}
+        for name in modules:
+            out_f, in_f = shapes[name]
+            a_key, b_key = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+            a = torch.zeros(rank, in_f)
+            b = torch.zeros(out_f, rank)
+            if name in own:
+                r, s = own[name]
+                a[:r] = m.state[a_key].float()
+                b[:, :r] = m.state[b_key].float() * s
+            new[a_key], new[b_key] = a, b
+        m.state = new
+    return rank, modules
 
 
 def _read_tensors(folder: Path, where: str) -> dict[str, torch.Tensor]:
@@ -236,8 +308,9 @@ def load_members(spec: ZooSpec, root: Path) -> tuple[list[Member], Path | None]:
                 if not guess or not Path(guess).exists():
                     raise MiraError("adapters need a base model: set base_model", where="base_model")
                 base = Path(guess)
-            members.append(Member(name, folder, "adapter", _read_tensors(folder, where), m.task,
-                                  _model_type(base) + f"+lora(r={cfg.get('r')})", cfg))
+            state = _read_tensors(folder, where)
+            members.append(Member(name, folder, "adapter", state, m.task, _model_type(base) + "+lora", cfg,
+                                  lora=lora_settings(state, cfg, where)))
         elif (folder / "config.json").exists():
             members.append(Member(name, folder, "model", _read_tensors(folder, where), m.task, _model_type(folder),
                                   _read_json(folder / "config.json", where)))
@@ -248,4 +321,6 @@ def load_members(spec: ZooSpec, root: Path) -> tuple[list[Member], Path | None]:
     kinds = {m.kind for m in members}
     if len(kinds) > 1:
         raise MiraError("mix of adapters and full models: use one kind per zoo", where="members")
+    if members[0].kind == "adapter":
+        normalise_adapters(members)
     return members, base

@@ -25,17 +25,26 @@ class Selection:
     weights: list[float]
     score: float
     trace: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    """What the search did (e.g. CMA-ES: budget, evaluations, population size, generations)."""
 
     @property
     def kept(self) -> list[int]:
         return [i for i, w in enumerate(self.weights) if w > 0]
 
 
+MergeSimilarity = Callable[[Sequence[float], int], float]
+"""``(weights, i) -> similarity`` of the merge with ``weights`` to member ``i`` (attention/MLP weights)."""
+
+
 @dataclass
 class StrategyOptions:
-    budget: int = 30
+    budget: int = 40
     sigma: float = 0.3
     seed: int = 0
+    merge_similarity: MergeSimilarity | None = None
+    """Heuristic-Similarity re-ranks against the current merge with this; without it, the
+    similarity of a merge is approximated by the weighted mean of its members' similarities."""
 
 
 class Strategy(ABC):
