@@ -56,7 +56,8 @@ def corrupt(records: list, fraction: float, mode: str, seed: int, reservoir: Seq
     ``salad``: the response is replaced by as many words drawn at random from ``reservoir`` (the
     responses of records used nowhere else): unrelated text in the data's own vocabulary, without syntax.
     ``shuffle``: the corrupted records exchange their responses (a random derangement).
-    ``chars``: the response is replaced by as many random letters, digits and spaces (garbage)."""
+    ``chars``: the response is replaced by as many random letters, digits and spaces (garbage).
+    ``boiler``: the response is replaced by one of a few canned non-answers (refusals, placeholders)."""
     rng = np.random.default_rng([seed, 77])
     n = len(records)
     bad = np.zeros(n, dtype=bool)
@@ -72,6 +73,12 @@ def corrupt(records: list, fraction: float, mode: str, seed: int, reservoir: Seq
         alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789      .,")
         for i in idx:
             out[i] = dataclasses.replace(records[i], output="".join(rng.choice(alphabet, size=max(8, len(records[i].output)))))
+    elif mode == "boiler":
+        canned = ["I'm sorry, but I cannot help with that request.", "N/A", "As an AI language model, I do not "
+                  "have an opinion on this.", "Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
+                  "This answer is not available.", "TODO"]
+        for i in idx:
+            out[i] = dataclasses.replace(records[i], output=canned[int(rng.integers(len(canned)))])
     elif mode == "shuffle":
         order = rng.permutation(len(idx))
         while len(idx) > 1 and np.any(order == np.arange(len(idx))):  # no record keeps its own response

@@ -1,34 +1,42 @@
-"""SHED vs. random vs. all data on Dolly-15k with stories260K (a CPU-sized replication).
+"""SHED vs random vs all data on Dolly-15k, stories260K as the proxy (a CPU-sized replication).
 
-Protocol (all sizes are flags; defaults sized for <= 15 minutes on one CPU thread):
+Protocol (sizes are flags; the defaults fit a 2-core machine):
 
-* Dolly-15k is shuffled once (``--data-seed``) and cut into disjoint parts: a training
-  pool of ``--n-train`` records, ``--n-val`` validation records (SHED's v(S) is scored on
-  them; no fine-tune sees them) and ``--n-test`` test records.
-* The pool is embedded once with all-MiniLM-L6-v2 (``--embed-max-length`` tokens).
-* For each seed: SHED clusters the pool (``--clusters``), computes Monte-Carlo Shapley
-  values of the proxies with stories260K + LoRA as the value model, and selects
-  ``--budget`` of the pool with QOCS and with QWCS (one Shapley run serves both).
-* Conditions, each a fresh LoRA on stories260K trained for the same ``--train-steps``:
-  (a) all of the pool, (b) a random ``--budget``, (c) SHED-QOCS, (d) SHED-QWCS.
-  Metrics: test loss (mean NLL per response token) and ROUGE-L of greedy generations on
-  the first ``--rouge-examples`` test records.
-* Wall times: embedding (once), clustering + Shapley per seed, and each fine-tune.
+* For each seed, Dolly-15k is cut into disjoint random parts (the seed draws them, so the
+  intervals cover the data sample): a pool of ``--n-train`` records, ``--n-val`` validation
+  records (SHED's v(S) only) and ``--n-test`` test records.
+* SHED (``mira.shed.refine``): MiniLM embeddings, ``--clusters`` k-means clusters, Shapley
+  values of the proxies (antithetic permutations, position control variate, truncation at
+  the measured noise) with v(S) = minus the validation loss of stories260K + LoRA after a
+  fixed ``--steps`` on S; the run's reliability report (split-half rank correlation, noise of
+  one v(S), standard errors) is kept. QOCS and QWCS select ``--budget`` of the pool from one
+  Shapley run.
+* Conditions, each a fresh LoRA trained for the same ``--train-steps``: (a) all of the pool,
+  (b) a random ``--budget``, (c) SHED-QOCS, (d) SHED-QWCS. Test loss (mean NLL per response
+  token) on the test records; paired differences against random (same seed, same data).
+* Transferability (``--transfer x4``, the paper's check): the same subsets fine-tune another,
+  larger model from mira's one-shot zoo (``mira.models.zoo``: 1.05M parameters, pre-trained
+  briefly on TinyStories and cached); ``--transfer none`` skips it.
 
-    MIRA_THREADS=1 python benchmarks/shed_experiment.py --assets /work/shared
+    MIRA_THREADS=1 python benchmarks/shed_experiment.py --assets ${MIRA_ASSETS}
 
-Writes ``benchmarks/results/shed_experiment.json`` and prints a Markdown table.
+Writes ``benchmarks/results/shed_experiment.json`` and prints Markdown tables.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shed_common as C  # noqa: E402
+
+CONDITIONS = ("all", "random", "shed_qocs", "shed_qwcs")
+ZOO_PRETRAIN_STEPS = {"x1": 300, "x4": 160, "x16": 80}  # as benchmarks/oneshot_experiment.py
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,175 +45,139 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder with data/dolly-15k and models/stories260K (default: $MIRA_ASSETS)")
     p.add_argument("--dolly", default=None, help="path to databricks-dolly-15k.jsonl (default: under --assets)")
     p.add_argument("--model", default=None, help="proxy and fine-tuned model (default: stories260K under --assets)")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=float, default=0.1)
-    p.add_argument("--clusters", type=int, default=100)
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=10)
-    p.add_argument("--value-epochs", type=float, default=1.0,
-                   help="passes over S per v(S) (ceil(epochs*|S|/batch) steps)")
-    p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--clusters", type=int, default=50)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--group-size", type=int, default=None, help="default: clusters/10")
+    p.add_argument("--steps", type=int, default=10, help="LoRA steps per v(S)")
+    p.add_argument("--background", type=int, default=0, help="non-proxy records every v(S) also trains on")
     p.add_argument("--beta", type=float, default=1.0, help="QWCS beta on standardised values")
-    p.add_argument("--train-steps", type=int, default=80, help="steps of every fine-tune condition")
+    p.add_argument("--train-steps", type=int, default=60, help="steps of every fine-tune condition")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW rate of the fine-tune conditions")
+    p.add_argument("--value-lr", type=float, default=None, help="SGD rate of v(S) (default: ShedSettings, 0.1)")
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--template", default="compact", help="prompt template (mira.data.prompts)")
     p.add_argument("--embedder", default="all-MiniLM-L6-v2")
+    p.add_argument("--embed-fields", default="split", choices=["split", "example"])
     p.add_argument("--embed-max-length", type=int, default=128)
-    p.add_argument("--rouge-examples", type=int, default=32)
+    p.add_argument("--transfer", default="x4", help="zoo model to fine-tune on the same subsets, or 'none'")
+    p.add_argument("--cache", default=None, help="zoo model cache (default $MIRA_CACHE/zoo or ~/.cache/mira/zoo)")
     p.add_argument("--out", default="benchmarks/results/shed_experiment.json")
     return p.parse_args(argv)
 
 
+def zoo_model(name: str, args) -> tuple[str, dict]:
+    import json
+
+    from mira.models.demo import cache_dir
+    from mira.models.zoo import ensure_zoo_model
+
+    assets = Path(args.assets)
+    cache = Path(args.cache) if args.cache else cache_dir() / "zoo"
+    out = ensure_zoo_model(name, assets / "models" / "stories260K", assets / "data" / "tinystories" / "tinystories_val.txt",
+                           cache, steps=ZOO_PRETRAIN_STEPS[name], seq_len=128, batch_size=8, lr=3e-3, max_seconds=240.0,
+                           log=lambda m: print("   ", m, flush=True))
+    return str(out), json.loads((out / "zoo.json").read_text())
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("MIRA_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ["MIRA_THREADS"]))
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    from mira.config import DataConfig
-    from mira.data.prompts import tokenize_records
-    from mira.data.records import DollySource
-    from mira.eval.metrics import eval_loss, generate, generation_metrics
+    torch = C.setup_torch()
     from mira.io import atomic_write_json
     from mira.shed import ShedSettings, refine
     from mira.shed.embed import embed_records
     from mira.shed.refine import standardized
     from mira.shed.select import select
     from mira.shed.value import ProxyModel
-    from mira.train.trainer import LocalTrainer, TrainSettings
 
-    assets = Path(args.assets)
-    dolly = Path(args.dolly) if args.dolly else assets / "data/dolly-15k/databricks-dolly-15k.jsonl"
-    model_path = args.model or str(assets / "models/stories260K")
-    if not dolly.exists():
-        sys.exit(f"Dolly-15k not found at {dolly}; pass --assets or --dolly")
+    t_all = time.perf_counter()
+    model = args.model or str(Path(args.assets) / "models" / "stories260K")
+    dolly = C.load_dolly(args.assets, args.dolly)
     seeds = [int(s) for s in args.seeds.split(",")]
-    t_all, cpu_all, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
-
-    records = DollySource().load(DataConfig(source="dolly", path=str(dolly), max_per_task=None))
-    perm = np.random.default_rng(args.data_seed).permutation(len(records))
-    pool = [records[i] for i in perm[: args.n_train]]
-    val = [records[i] for i in perm[args.n_train: args.n_train + args.n_val]]
-    test = [records[i] for i in perm[args.n_train + args.n_val: args.n_train + args.n_val + args.n_test]]
-    k = max(1, round(args.budget * len(pool)))
-    print(f"Dolly-15k: {len(records)} records -> pool {len(pool)}, SHED validation {len(val)}, test {len(test)}; "
-          f"budget {k} records", flush=True)
-
-    t0 = time.perf_counter()
-    emb_full = np.asarray(embed_records(pool, args.embedder, 64, args.embed_max_length))
-    embed_s = time.perf_counter() - t0
-    print(f"embedded {len(pool)} records with {args.embedder} in {embed_s:.1f}s", flush=True)
-
-    base_settings = ShedSettings(model=model_path, embedder=args.embedder, embed_max_length=args.embed_max_length,
-                                 budget=k, clusters=args.clusters,
-                                 iterations=args.iterations, group_size=args.group_size, epochs=args.value_epochs,
-                                 tolerance=args.tolerance, lr=args.lr, batch_size=args.batch_size,
-                                 max_length=args.max_length, template=args.template, beta=args.beta, standardize=True,
-                                 strategy="qocs")
-    proxy = ProxyModel.load(base_settings)
-    pad = proxy.pad_id
-    test_ds = tokenize_records(test, proxy.tokenizer, args.max_length, args.template, "truncate_input")
-    train_settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, steps=args.train_steps)
-    trainer = LocalTrainer(proxy.slot, pad, train_settings)
-
-    def evaluate() -> dict:
-        loss, _ = eval_loss(proxy.model, test_ds, pad, 16)
-        preds = generate(proxy.model, proxy.tokenizer, test_ds, max_new_tokens=32, limit=args.rouge_examples)
-        refs = [r.output for r in test_ds.records[: len(preds)]]
-        return {"test_loss": loss, **generation_metrics(preds, refs)}
-
-    def finetune(subset: list, seed: int) -> dict:
-        proxy.slot.set(proxy.slot.initial_state)
-        ds = tokenize_records(subset, proxy.tokenizer, args.max_length, args.template, "truncate_input")
-        t = time.perf_counter()
-        res = trainer.train(ds, seed=seed)
-        train_s = time.perf_counter() - t
-        return {"n": len(subset), "train_s": train_s, "train_loss": res.loss, **evaluate()}
-
-    proxy.slot.set(proxy.slot.initial_state)
-    base = evaluate()
-    print(f"base model: test loss {base['test_loss']:.4f}, ROUGE-L {base['rouge_l']:.4f}", flush=True)
-
+    transfer = None if args.transfer == "none" else zoo_model(args.transfer, args)
+    base = ShedSettings(model=model, embedder=args.embedder, embed_fields=args.embed_fields, embed_max_length=args.embed_max_length,
+                        budget_fraction=args.budget, clusters=args.clusters, iterations=args.iterations,
+                        group_size=args.group_size, steps=args.steps, background=args.background, lr=args.value_lr,
+                        batch_size=args.batch_size, max_length=args.max_length, template=args.template,
+                        beta=args.beta, standardize=True, strategy="qocs")
+    proxy = ProxyModel.load(base)
     runs = []
     for seed in seeds:
-        s = base_settings.model_copy(update={"seed": seed})
+        pool_i, val_i, test_i, _ = C.disjoint_parts(len(dolly), [args.n_train, args.n_val, args.n_test], seed)
+        pool, val, test = ([dolly[i] for i in part] for part in (pool_i, val_i, test_i))
         t0 = time.perf_counter()
-        res = refine(pool, s, val_records=val, embeddings=emb_full, proxy=proxy)
-        refine_s = time.perf_counter() - t0
-        qocs = res.indices
-        qwcs = sorted(select("qwcs", res.clustering, standardized(res.values), k, seed=seed, beta=args.beta))
-        rnd = sorted(np.random.default_rng([seed, 99]).choice(len(pool), size=k, replace=False).tolist())
-        sh = res.shapley
-        print(f"seed {seed}: SHED {res.clustering.k} clusters, {sh.evaluations} v(S) evaluations "
-              f"({sh.cache_hits} cache hits, {sh.truncated_groups}/{sh.total_groups} groups truncated), "
-              f"v(empty) {sh.v_empty:.4f} v(all) {sh.v_full:.4f}, {refine_s:.1f}s", flush=True)
-        row = {"seed": seed, "refine_s": refine_s, "shapley_s": sh.seconds, "cluster_s": res.timings["cluster_s"],
-               "evaluations": sh.evaluations, "cache_hits": sh.cache_hits, "truncated_groups": sh.truncated_groups,
-               "total_groups": sh.total_groups, "v_empty": sh.v_empty, "v_full": sh.v_full,
-               "value_std": float(np.std(res.values)), "conditions": {}}
-        for name, subset in (("all", pool), ("random", [pool[i] for i in rnd]), ("shed_qocs", [pool[i] for i in qocs]),
-                             ("shed_qwcs", [pool[i] for i in qwcs])):
-            m = finetune(subset, seed)
-            row["conditions"][name] = m
-            print(f"  {name:9s} n={m['n']:5d} test loss {m['test_loss']:.4f} ROUGE-L {m['rouge_l']:.4f} "
-                  f"({m['train_s']:.1f}s)", flush=True)
+        emb = embed_records(pool, args.embedder, 64, args.embed_max_length, args.embed_fields)
+        embed_s = time.perf_counter() - t0
+        res = refine(pool, base.model_copy(update={"seed": seed}), val_records=val, embeddings=emb, proxy=proxy,
+                     log=lambda m: print("   ", m, flush=True))
+        k = res.budget_count
+        sel = {"all": list(range(len(pool))),
+               "random": sorted(np.random.default_rng([seed, 99]).choice(len(pool), size=k, replace=False).tolist()),
+               "shed_qocs": res.indices,
+               "shed_qwcs": sorted(select("qwcs", res.clustering, standardized(res.values), k, seed=seed,
+                                          beta=args.beta))}
+        row = {"seed": seed, "embed_s": embed_s, **C.shed_row(res), "budget_count": k,
+               "overlap_with_random": {n: len(set(sel[n]) & set(sel["random"])) for n in ("shed_qocs", "shed_qwcs")}}
+        print(f"seed {seed}: {row['evaluations']} v(S), {row['cache_hits']} cache hits, split-half r {row['split_half']}, "
+              f"noise sd {row['noise_sd']:.4f} vs spread {row['value_spread']:.4f}, {row['wall_s']:.0f}s", flush=True)
+        for target, path in [("stories260K", model)] + ([(args.transfer, transfer[0])] if transfer else []):
+            tuner = C.FineTuner(path, test, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
+                                max_length=args.max_length, template=args.template)
+            out = {"base_test_loss": tuner.base()}
+            for name in CONDITIONS:
+                m = tuner.run([pool[i] for i in sel[name]], seed)
+                out[name] = m
+                print(f"  {target:11s} {name:9s} n={m['n']:5d} test loss {m['test_loss']:.4f} ({m['train_s']:.1f}s)",
+                      flush=True)
+            row.setdefault("finetune", {})[target] = out
         runs.append(row)
 
-    names = ["all", "random", "shed_qocs", "shed_qwcs"]
-    summary = {}
-    for name in names:
-        losses = [r["conditions"][name]["test_loss"] for r in runs]
-        rouge = [r["conditions"][name]["rouge_l"] for r in runs]
-        train_s = [r["conditions"][name]["train_s"] for r in runs]
-        summary[name] = {"test_loss_mean": float(np.mean(losses)), "test_loss_std": float(np.std(losses)),
-                         "rouge_l_mean": float(np.mean(rouge)), "rouge_l_std": float(np.std(rouge)),
-                         "train_s_mean": float(np.mean(train_s)), "n": runs[0]["conditions"][name]["n"]}
-    wins = {name: sum(r["conditions"][name]["test_loss"] < r["conditions"]["random"]["test_loss"] for r in runs)
-            for name in ("shed_qocs", "shed_qwcs")}
-    result = {
-        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__},
-        "settings": vars(args) | {"budget_count": k, "shed": base_settings.model_dump(mode="json")},
-        "base_model": base,
-        "embed_s": embed_s,
-        "runs": runs,
-        "summary": summary,
-        "shed_beats_random_test_loss": wins,
-        "total_s": time.perf_counter() - t_all,
-        "total_cpu_s": time.process_time() - cpu_all,
-        "load_average_start_end": [list(load_start), list(os.getloadavg())],
-    }
+    targets = list(runs[0]["finetune"])
+    summary = {"split_half": C.mean_ci([r["split_half"] if r["split_half"] is not None else np.nan for r in runs]),
+               "reliable_runs": sum(r["reliable"] for r in runs),
+               "wall_s_per_shed_run": C.mean_ci([r["wall_s"] for r in runs]),
+               "evaluations": C.mean_ci([r["evaluations"] for r in runs])}
+    for t in targets:
+        summary[t] = {
+            "test_loss": {n: C.mean_ci([r["finetune"][t][n]["test_loss"] for r in runs]) for n in CONDITIONS},
+            "minus_random": {n: C.mean_ci([r["finetune"][t][n]["test_loss"] - r["finetune"][t]["random"]["test_loss"]
+                                           for r in runs]) for n in CONDITIONS if n != "random"},
+            "base": C.mean_ci([r["finetune"][t]["base_test_loss"] for r in runs])}
+    result = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+              "machine": C.machine(torch), "settings": vars(args) | {"shed": base.model_dump(mode="json")},
+              "transfer_model": transfer[1] if transfer else None, "runs": runs, "summary": summary,
+              "total_s": time.perf_counter() - t_all}
     atomic_write_json(args.out, result)
-    print_table(result)
-    print(f"written: {args.out} (wall {result['total_s']:.0f}s, CPU {result['total_cpu_s']:.0f}s, "
-          f"load average {result['load_average_start_end']})")
+    print_tables(result)
+    print(f"written: {args.out} (wall {result['total_s']:.0f}s)")
     return result
 
 
-def print_table(result: dict) -> None:
-    s, n_seeds = result["summary"], len(result["runs"])
-    print(f"\n| condition | records | test loss (mean ± std, {n_seeds} seeds) | ROUGE-L | fine-tune s |")
-    print("|---|---:|---:|---:|---:|")
-    b = result["base_model"]
-    print(f"| base model (no fine-tune) | 0 | {b['test_loss']:.4f} | {b['rouge_l']:.4f} | 0 |")
-    for name, e in s.items():
-        print(f"| {name} | {e['n']} | {e['test_loss_mean']:.4f} ± {e['test_loss_std']:.4f} | "
-              f"{e['rouge_l_mean']:.4f} ± {e['rouge_l_std']:.4f} | {e['train_s_mean']:.1f} |")
-    refine_s = [r["refine_s"] for r in result["runs"]]
-    print(f"\nrefinement: embedding {result['embed_s']:.1f}s once + clustering/Shapley "
-          f"{np.mean(refine_s):.1f}s per seed; "
-          f"SHED beats random on test loss in {result['shed_beats_random_test_loss']} of {n_seeds} seeds")
+def print_tables(result: dict) -> None:
+    runs, s = result["runs"], result["summary"]
+    print("\n| seed | clusters | v(S) evaluations | cache hits | truncated groups | noise sd of v(S) | value spread "
+          "| mean SE | split-half r | verdict | wall s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in runs:
+        sh = "n/a" if r["split_half"] is None else f"{r['split_half']:.2f}"
+        print(f"| {r['seed']} | {r['clusters']} | {r['evaluations']} | {r['cache_hits']} | "
+              f"{r['truncated_groups']}/{r['total_groups']} | {r['noise_sd']:.4f} | {r['value_spread']:.4f} | "
+              f"{r['mean_stderr']:.4f} | {sh} | {'signal' if r['reliable'] else 'noise'} | {r['wall_s']:.0f} |")
+    n = len(runs)
+    for t in (k for k in s if isinstance(s[k], dict) and "test_loss" in s[k]):
+        e = s[t]
+        print(f"\n**{t}** (base {C.fmt_ci(e['base'])}): test loss, mean ± 95% CI over {n} seeds")
+        print("\n| condition | records | test loss | minus random (paired) |")
+        print("|---|---:|---:|---:|")
+        for name in CONDITIONS:
+            d = e["minus_random"].get(name)
+            print(f"| {name} | {runs[0]['finetune'][t][name]['n']} | {C.fmt_ci(e['test_loss'][name])} | "
+                  f"{C.fmt_ci(d) if d else '0'} |")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ records corrupted, and everything in SHED):
 
 * a pool of ``--n-pool`` Dolly records, ``--n-val`` validation records (v(S) only) and
   ``--n-test`` test records, disjoint; ``--corrupt`` of the pool get a bad response
-  (``--mode salad``: as many words drawn at random from other Dolly responses, i.e.
-  unrelated text; ``--mode shuffle``: the corrupted records swap responses);
+  (``--mode boiler``, the default: one of a few canned non-answers such as "N/A" or "I'm sorry,
+  but I cannot help with that request."; ``salad``: as many words drawn at random from other
+  Dolly responses; ``chars``: random characters; ``shuffle``: the corrupted records swap
+  responses);
 * SHED (``mira.shed.refine``: MiniLM embeddings, k-means, Shapley values of the proxies with
   v(S) = minus the validation loss of stories260K + LoRA after ``--steps`` steps on S);
 * (a) the AUC with which the cluster values rank corrupted records below clean ones (each
@@ -44,18 +46,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--corrupt", type=float, default=0.25)
-    p.add_argument("--mode", default="salad", choices=["salad", "shuffle", "chars"])
+    p.add_argument("--mode", default="boiler", choices=["salad", "shuffle", "chars", "boiler"])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=float, default=0.2, help="fraction of the pool SHED and random keep")
-    p.add_argument("--clusters", type=int, default=48)
+    p.add_argument("--clusters", type=int, default=24)
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="LoRA steps per v(S)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--background", type=int, default=24, help="non-proxy records every v(S) also trains on")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW rate of the fine-tune conditions")
+    p.add_argument("--value-lr", type=float, default=None, help="SGD rate of v(S) (default: ShedSettings, 0.1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--template", default="compact")
     p.add_argument("--embedder", default="all-MiniLM-L6-v2")
+    p.add_argument("--embed-fields", default="split", choices=["split", "example"])
     p.add_argument("--no-center", action="store_true")
     p.add_argument("--no-antithetic", action="store_true")
     p.add_argument("--train-steps", type=int, default=60, help="steps of every fine-tune condition")
@@ -77,10 +82,10 @@ def main(argv=None) -> dict:
     model = args.model or os.path.join(args.assets, "models", "stories260K")
     dolly = C.load_dolly(args.assets, args.dolly)
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = ShedSettings(model=model, embedder=args.embedder, embed_max_length=128, clusters=args.clusters,
-                        iterations=args.iterations, group_size=args.group_size, steps=args.steps, lr=args.lr,
+    base = ShedSettings(model=model, embedder=args.embedder, embed_fields=args.embed_fields, embed_max_length=128, clusters=args.clusters,
+                        iterations=args.iterations, group_size=args.group_size, steps=args.steps, lr=args.value_lr,
                         batch_size=args.batch_size, max_length=args.max_length, template=args.template,
-                        budget_fraction=args.budget, strategy="qocs", center=not args.no_center,
+                        budget_fraction=args.budget, strategy="qocs", background=args.background, center=not args.no_center,
                         antithetic=not args.no_antithetic)
     proxy = ProxyModel.load(base)
     runs = []
@@ -90,7 +95,7 @@ def main(argv=None) -> dict:
         pool, bad = C.corrupt(clean, args.corrupt, args.mode, seed, [dolly[i].output for i in res_i])
         val, test = [dolly[i] for i in val_i], [dolly[i] for i in test_i]
         t0 = time.perf_counter()
-        emb = embed_records(pool, args.embedder, 64, 128)
+        emb = embed_records(pool, args.embedder, 64, 128, args.embed_fields)
         embed_s = time.perf_counter() - t0
         res = refine(pool, base.model_copy(update={"seed": seed}), val_records=val, embeddings=emb, proxy=proxy,
                      log=lambda m: print("   ", m, flush=True))

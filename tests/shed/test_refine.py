@@ -68,7 +68,7 @@ def test_same_seed_same_subset(records, strategy):
 def test_precomputed_embeddings_match(records):
     from mira.shed.embed import embed_records
 
-    emb = embed_records(records, "hashing")
+    emb = embed_records(records, "hashing", fields="split")  # the settings' default
     a = refine(records, fake(), embeddings=emb, value_factory=lambda p, v: TaskValue(p))
     assert a.indices == run(records).indices
     with pytest.raises(MiraError, match="one row per record"):

@@ -80,10 +80,14 @@ def refine_cmd(
                                            help="validation file (same --source) instead of holding out"),
     steps: int = typer.Option(10, "--steps", help="LoRA steps per v(S), the same for every coalition"),
     epochs: Optional[str] = typer.Option(None, "--epochs", hidden=True),
-    lr: float = typer.Option(3e-3, "--lr", help="learning rate of the v(S) fine-tunes"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="of the v(S) fine-tunes: sgd or adamw"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of the v(S) fine-tunes "
+                                                          "[default: 0.1 with sgd, 3e-3 with adamw]"),
     metric: str = typer.Option("neg_loss", "--metric", help="neg_loss or token_accuracy"),
     embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder",
                                  help="sentence-transformers model (name or folder) or 'hashing'"),
+    embed_fields: str = typer.Option("split", "--embed-fields",
+                                     help="split: prompt and response embedded apart; example: as one text (paper)"),
     tolerance: Optional[float] = typer.Option(None, "--tolerance",
                                               help="truncate a permutation once |v(S)-v(N)| < tol*|v(N)-v(empty)| "
                                                    "[default: the measured noise of one v(S)]"),
@@ -113,7 +117,7 @@ def refine_cmd(
         "budget_fraction": budget_fraction, "budget_records": budget_records, "strategy": strategy, "model": model,
         "clusters": clusters, "iterations": iterations, "group_size": group_size, "antithetic": antithetic,
         "center": center, "beta": beta, "standardize": standardize, "seed": seed, "val_fraction": val_fraction,
-        "max_val": max_val, "steps": steps, "lr": lr, "metric": metric, "embedder": embedder, "tolerance": tolerance,
+        "max_val": max_val, "steps": steps, "optimizer": optimizer, "lr": lr, "metric": metric, "embedder": embedder, "embed_fields": embed_fields, "tolerance": tolerance,
         "noise_seeds": noise_seeds, "reliability_threshold": reliability_threshold, "max_length": max_length,
         "template": template,
     }
@@ -136,14 +140,16 @@ def refine_cmd(
             err_console.print(f"warning: {rel.verdict}", soft_wrap=True, highlight=False)
         return
     sh = result.shapley
-    t = Table(title=f"SHED {settings.strategy}: {len(result.records)} of {len(result.candidates)} records")
-    for col in ("clusters", "v(empty)", "v(all proxies)", "v(S) computed", "cache hits", "truncated",
-                "split-half r", "time"):
-        t.add_column(col, justify="right")
+    t = Table(show_header=False, title=f"SHED {settings.strategy}: {len(result.records)} of {len(result.candidates)} records")
+    t.add_column("")
+    t.add_column("", justify="right")
     r = "n/a" if rel is None or rel.split_half is None else f"{rel.split_half:.2f}"
-    t.add_row(str(result.clustering.k), f"{sh.v_empty:.4f}", f"{sh.v_full:.4f}",
-              str(rel.evaluations if rel else sh.evaluations), str(sh.cache_hits),
-              f"{sh.truncated_groups}/{sh.total_groups}", r, f"{result.timings['total_s']:.1f}s")
+    for name, value in (("clusters", str(result.clustering.k)), ("v(empty)", f"{sh.v_empty:.4f}"),
+                        ("v(all proxies)", f"{sh.v_full:.4f}"),
+                        ("v(S) computed", str(rel.evaluations if rel else sh.evaluations)),
+                        ("cache hits", str(sh.cache_hits)), ("truncated groups", f"{sh.truncated_groups}/{sh.total_groups}"),
+                        ("split-half r", r), ("wall time", f"{result.timings['total_s']:.1f}s")):
+        t.add_row(name, value)
     console.print(t)
     if rel is not None:
         for line in rel.lines():

@@ -1,7 +1,15 @@
 """Step 1 of SHED: one embedding vector per record.
 
-The text of a record is its instruction, input and output joined by newlines (the
-reference implementation embeds the whole example). Embedders are registered by name
+``fields="split"`` (the default) embeds the prompt (instruction and input) and the response
+separately and concatenates the two halves, each L2-normalised (the result scaled to unit
+norm): k-means then groups records by what they ask *and* by what they answer, so records
+with bad responses (canned non-answers, garbage) form clusters of their own instead of
+hiding among records on the same topic. ``fields="example"`` embeds instruction, input and
+output joined by newlines as one text (the reference implementation); with long inputs a
+128-token embedding often never reaches the response. Measured on 240 Dolly records with a
+quarter of the responses replaced (``benchmarks/shed_planted_noise.py``), the best AUC 48
+clusters allow (clusters ranked by their true clean share) is 1.00 for canned non-answers
+and 0.99 for random characters with ``split``, 0.73-0.88 with ``example``. Embedders are registered by name
 in ``EMBEDDERS``; any other name is taken as a sentence-transformers model (a local
 folder or a Hub id):
 
@@ -109,9 +117,23 @@ def get_embedder(name: str) -> Embedder:
     return EMBEDDERS.get(name) or sentence_transformer_embed(name)
 
 
+def prompt_text(r: Record) -> str:
+    return "\n".join(part for part in (r.instruction, r.input) if part)
+
+
+EMBED_FIELDS = ("split", "example")
+
+
 def embed_records(records: Sequence[Record], embedder: str = "all-MiniLM-L6-v2", batch_size: int = 64,
-                  max_length: int | None = None) -> np.ndarray:
-    """L2-normalised embeddings, shape ``(len(records), d)``, float32."""
+                  max_length: int | None = None, fields: str = "example") -> np.ndarray:
+    """L2-normalised embeddings, shape ``(len(records), d)`` (``2d`` with ``fields="split"``), float32."""
     if not records:
         raise MiraError("no records to embed", where="data")
-    return get_embedder(embedder)([record_text(r) for r in records], batch_size, max_length)
+    if fields not in EMBED_FIELDS:
+        raise MiraError(f"unknown embed_fields {fields!r}; choose one of {list(EMBED_FIELDS)}", where="embed_fields")
+    embed = get_embedder(embedder)
+    if fields == "example":
+        return embed([record_text(r) for r in records], batch_size, max_length)
+    prompts = embed([prompt_text(r) for r in records], batch_size, max_length)
+    responses = embed([r.output for r in records], batch_size, max_length)
+    return _normalise(np.concatenate([prompts, responses], axis=1))

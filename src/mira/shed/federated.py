@@ -9,8 +9,9 @@ a ``refine:`` section, e.g.::
       strategy: qocs
 
 Unset options default to the run's own settings where they exist (``model.path``,
-``lora.r``/``alpha``/``target_modules``, ``data.max_length``, ``federation.lr``/``batch_size``,
-``seed``) and to ``ShedSettings`` otherwise. Each client uses only its own ``train``
+``lora.r``/``alpha``/``target_modules``, ``data.max_length``, ``federation.batch_size``, ``seed``)
+and to ``ShedSettings`` otherwise; not ``federation.lr``, which is an AdamW rate for the clients'
+training while v(S) trains with SGD (``refine.lr`` sets its rate). Each client uses only its own ``train``
 records (its validation records for v(S) are held out from them, never its test split),
 with a seed derived from ``(seed, client id)``; the proxy model and the embedding model
 are loaded once and reused for every client.
@@ -45,7 +46,7 @@ def hook_settings(cfg) -> ShedSettings:
                         where="refine.method")
     defaults = {"model": cfg.model.path, "device": cfg.model.device, "lora_r": cfg.lora.r,
                 "lora_alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules,
-                "max_length": cfg.data.max_length, "template": cfg.data.template, "lr": cfg.federation.lr,
+                "max_length": cfg.data.max_length, "template": cfg.data.template,
                 "batch_size": cfg.federation.batch_size, "seed": cfg.seed}
     return ShedSettings.from_mapping({**defaults, **dict(hook.model_extra or {})}, where="refine")
 

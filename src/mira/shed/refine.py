@@ -152,7 +152,7 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
     t0 = time.perf_counter()
     if embeddings is None:
         log(f"embedding {len(cand_records)} records with {s.embedder}")
-        emb = embed_records(cand_records, s.embedder, s.embed_batch_size, s.embed_max_length)
+        emb = embed_records(cand_records, s.embedder, s.embed_batch_size, s.embed_max_length, s.embed_fields)
     else:
         emb = np.asarray(embeddings)[candidates]
     timings["embed_s"] = time.perf_counter() - t0
@@ -174,7 +174,13 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
         proxy = proxy or ProxyModel.load(s)
         proxy_set = set(clustering.proxies.tolist())
         warm = [r for i, r in enumerate(cand_records) if i not in proxy_set]
-        value_fn = LoraValue(proxy, proxy_records, val, s, warm, log)
+        background = []
+        if s.background:
+            pick = np.random.default_rng([s.seed, 3]).permutation(len(warm))[: s.background]
+            background = [warm[i] for i in sorted(pick.tolist())]
+            if len(background) < s.background:
+                log(f"background: only {len(background)} non-proxy records (asked for {s.background})")
+        value_fn = LoraValue(proxy, proxy_records, val, s, warm, log, background_records=background)
     timings["value_setup_s"] = time.perf_counter() - t0
     cached = value_fn if isinstance(value_fn, CachedValue) else CachedValue(value_fn)
     try:

@@ -10,7 +10,8 @@ The budget is explicit about its unit: ``budget_fraction`` (a share of the candi
 records, in (0, 1]) or ``budget_records`` (a count); neither given means 10 %. The old
 ``budget`` (``1`` one record, ``1.0`` every record) is refused with a pointer to the two.
 
-v(S) trains a fixed ``steps`` on batches drawn from S, whatever |S| (see ``mira.shed.value``);
+v(S) trains a fixed ``steps`` of SGD (``optimizer``; lr 0.1 unless ``lr`` is set) on batches
+drawn from S, whatever |S| (see ``mira.shed.value``);
 ``epochs`` (``ceil(epochs*|S|/batch)`` steps) is refused: it made a proxy's value measure the
 training steps its removal took away.
 """
@@ -28,6 +29,7 @@ RECORDS_PER_CLUSTER = 33  # paper: 3000 clusters for ~100k records
 MIN_CLUSTERS = 10  # fewer clusters than this leave too few players to rank
 GROUPS_PER_ITERATION = 10  # paper: 50 (3000 proxies removed 60 at a time); 10 keeps a CPU run to minutes
 DEFAULT_BUDGET_FRACTION = 0.1
+DEFAULT_LR = {"sgd": 0.1, "adamw": 3e-3}
 
 OLD_BUDGET = ("'budget' is ambiguous (1 meant one record, 1.0 every record) and was removed: "
               "give budget_fraction (e.g. 0.1) or budget_records (e.g. 500)")
@@ -51,6 +53,7 @@ class ShedSettings(BaseModel):
     # clustering
     clusters: Optional[int] = Field(None, gt=0)
     embedder: str = "all-MiniLM-L6-v2"
+    embed_fields: Literal["split", "example"] = "split"  # prompt and response embedded apart, or the whole example
     embed_max_length: Optional[int] = Field(None, gt=0)
     embed_batch_size: int = Field(64, gt=0)
     # Monte-Carlo Shapley
@@ -72,8 +75,10 @@ class ShedSettings(BaseModel):
     max_val: int = Field(200, gt=0)
     steps: int = Field(10, gt=0)
     epochs: Optional[Any] = None  # removed (see OLD_EPOCHS); kept only to refuse it clearly
+    background: int = Field(0, ge=0)  # non-proxy records every v(S) also trains on (see mira.shed.value)
     warm_start_steps: int = Field(0, ge=0)
-    lr: float = Field(3e-3, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # of the v(S) fine-tunes (SGD: marginals far less chaotic)
+    lr: Optional[float] = Field(None, gt=0)  # default: DEFAULT_LR[optimizer]
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(128, gt=8)
     template: str = "auto"  # see mira.data.prompts; long inputs are cut from the middle, never the instruction
@@ -119,6 +124,11 @@ class ShedSettings(BaseModel):
         if self.budget_fraction is not None and self.budget_records is not None:
             raise ValueError("give budget_fraction or budget_records, not both")
         return self
+
+    @property
+    def value_lr(self) -> float:
+        """The learning rate of the v(S) fine-tunes: ``lr``, or the optimizer's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
     # -- derived sizes -------------------------------------------------------------------
     def budget_count(self, n_candidates: int, held_out: int = 0) -> int:
