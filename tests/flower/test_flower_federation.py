@@ -1,8 +1,9 @@
-"""Real federations on Flower 1.41: a SuperLink and SuperNodes as separate processes on
+"""Real federations on Flower (1.42 installed): a SuperLink and SuperNodes as separate processes on
 127.0.0.1, a run submitted with ``flwr run``, compared with the in-process engine."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -15,14 +16,15 @@ pytestmark = pytest.mark.slow
 
 def test_three_supernodes_match_the_in_process_engine(federations, reference, tmp_path):
     """2 rounds of mira, each client on its own SuperNode: the same adapters, losses and
-    byte counts as ``mira run``. Client 2's ClientApp is Flower's default (a fresh process
+    byte counts as ``mira run``. The evaluation runs with the opt-in ``cross-eval`` (every node
+    evaluates every adapter), which the engine's global test loss needs. Client 2's ClientApp is Flower's default (a fresh process
     per message that loads the model and calls ``client_fit``); clients 0 and 1 forward to
     a warm worker running the same code (to keep the test short)."""
     fed = federations()
     fed.start_superlink()
     fed.start_supernodes(N_CLIENTS, warm=[True, True, False])
     out = tmp_path / "run"
-    info = run_and_wait(fed, flower_cfg(), out)
+    info = run_and_wait(fed, flower_cfg(), out, cross_eval=True)
 
     ref = reference[2]
     flw, eng = load_adapters(out), load_adapters(ref)
@@ -44,7 +46,8 @@ def test_three_supernodes_match_the_in_process_engine(federations, reference, tm
     rounds, ref_rounds = read_json(out / "rounds.json"), read_json(ref / "rounds.json")
     assert set(ref_rounds[0]) <= set(rounds[0]), "the Flower round log lost keys the engine writes"
     assert [e["sampled"] for e in rounds] == [e["sampled"] for e in ref_rounds]
-    assert all(e["failed"] == [] for e in rounds)
+    assert all(e["failed"] == [] and e["partial"] is False and e.get("eval_partial", False) is False for e in rounds)
+    assert s["partial_rounds"] == [] and s["partial_evaluations"] == [] and s["flower"]["rebindings"] == []
     assert "] fit round 2 in" in fed.procs["supernode_2"].text()
     assert "(cold)" in fed.procs["supernode_2"].text() and "(warm worker)" in fed.procs["supernode_0"].text()
 
@@ -78,6 +81,9 @@ def test_tls_and_node_auth(federations, reference, tmp_path):
 
     s = read_json(out / "summary.json")
     assert sorted(s["flower"]["nodes"].values()) == sorted(fed.registered.values())
+    # default evaluation: each node got only its own adapter, so mira's global loss is not computed
+    assert s["mean_global_test_loss"] is None and s["flower"]["cross_eval"] is False
+    assert s["flower"]["eval_bytes_down"] / s["flower"]["eval_messages"] < 1.5 * s["adapter_bytes"]
     flw, eng = load_adapters(out), load_adapters(reference[1])
     for c in range(N_CLIENTS):
         assert max_diff(flw[c], eng[c]) <= ATOL, f"client {c}"
@@ -86,9 +92,11 @@ def test_tls_and_node_auth(federations, reference, tmp_path):
 
 
 def test_killed_supernode_is_left_out_and_keeps_its_adapter(federations, reference, tmp_path):
-    """SIGKILL client 2's SuperNode (with its worker and ClientApp) when round 2 starts: with
-    federation.min_clients=2 the round completes with clients 0 and 1, the run finishes, and
-    the server keeps client 2's adapter from round 1."""
+    """SIGKILL client 2's SuperNode (with its worker and ClientApp) when round 2 starts: with the
+    default quorum (a strict majority, 2 of 3) rounds 2 and 3 complete with clients 0 and 1, flagged
+    partial, the run finishes, and the server keeps client 2's adapter from round 1. At the same
+    moment a 4th SuperNode claims partition 0 while client 0's node is alive: the server refuses
+    the takeover (and logs it), and client 0 stays on its node."""
     fed = federations()
     fed.start_superlink()
     fed.start_supernodes(N_CLIENTS, warm=True)
@@ -96,7 +104,7 @@ def test_killed_supernode_is_left_out_and_keeps_its_adapter(federations, referen
     from mira.federated.flower import bundle
     from mira.federated.flower.settings import RunSettings
 
-    run_id = fed.submit(bundle.config_text(flower_cfg(federation={"min_clients": 2})),
+    run_id = fed.submit(bundle.config_text(flower_cfg(federation={"rounds": 3})),
                         RunSettings(out_dir=str(out), straggler_timeout=5.0, round_timeout=300.0))
     deadline = time.monotonic() + 400
     while not (out / "checkpoint.pt").exists():  # written when round 1 ends; round 2 starts at once
@@ -104,16 +112,25 @@ def test_killed_supernode_is_left_out_and_keeps_its_adapter(federations, referen
         time.sleep(0.1)
     victims = fed.group_pids("supernode_2")
     fed.kill("supernode_2", signal.SIGKILL)
+    fed.start_supernode(0, N_CLIENTS, name="impostor_0")  # a second node saying it is client 0
     assert victims and not any(os.path.exists(f"/proc/{p}") and _running(p) for p in victims)
 
     info = fed.wait(run_id, timeout=400)
     assert info["status"] == "finished:completed", fed.logs(run_id)[-4000:]
     rounds = read_json(out / "rounds.json")
     assert rounds[0]["failed"] == [] and rounds[1]["failed"] == [2] and rounds[1]["sampled"] == [0, 1, 2]
+    assert [e["partial"] for e in rounds] == [False, True, True] and rounds[1]["aggregated"] == 2
+    assert rounds[1]["eval_partial"] is True and rounds[1]["eval_failed"] == [2]
     s = read_json(out / "summary.json")
-    assert s["rounds"] == 2
-    assert [f["client"] for f in s["flower"]["failed_updates"]] == [2]
+    assert s["rounds"] == 3
+    assert s["partial_rounds"] == [2, 3] and s["partial_evaluations"] == [2, 3]
+    assert [f["client"] for f in s["flower"]["failed_updates"]] == [2, 2]
     assert sorted(c["id"] for c in s["clients"]) == [0, 1]  # client 2 could not be evaluated
+    log = fed.logs(run_id)
+    refused = re.search(r"node (\d+) refused: claims partition-id=0, which is bound to node (\d+), still online", log)
+    assert refused and "takeover refused" in log, log[-3000:]
+    assert s["flower"]["nodes"]["0"] == int(refused.group(2)) != int(refused.group(1))
+    assert s["flower"]["rebindings"] == []
 
     flw, round1 = load_adapters(out), load_adapters(reference[1])
     assert max_diff(flw[2], round1[2]) <= ATOL  # the killed client's last adapter is kept

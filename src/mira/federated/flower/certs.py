@@ -7,8 +7,12 @@ signed by it, and one SuperNode authentication key pair per node.
   host names and IP addresses (default ``localhost`` and ``127.0.0.1``; add the
   server's public name or IP for a real deployment).
 * ``supernode_<i>`` / ``supernode_<i>.pub``: ECDSA P-384 keys in OpenSSH format, what
-  Flower 1.41's node authentication expects (``flower-supernode
+  Flower's (1.41, 1.42) node authentication expects (``flower-supernode
   --auth-supernode-private-key supernode_0``; ``flwr supernode register supernode_0.pub``).
+
+Private keys are created 0600 (``os.open``, never world-readable for a moment) in a
+folder of their own: one inside a mira run directory is refused, so no key is ever
+copied or published with results.
 
 For testing and small deployments. A production federation should use certificates
 from its own PKI and keep private keys on the machine that uses them.
@@ -26,9 +30,43 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Write ``data``; a private key is created 0600 (owner only) from the start, never
+    readable by others for a moment, whatever the umask."""
+    if not private:
+        path.write_bytes(data)
+        return
+    if path.exists() or path.is_symlink():
+        path.unlink()  # O_EXCL below: a new file, so the mode applies and no link is followed
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only remove bits; this states the mode outright
+        with os.fdopen(fd, "wb") as f:
+            fd = -1
+            f.write(data)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+RUN_MARKERS = ("config.yaml", "summary.json", "checkpoint.pt", "rounds.json", "metrics.jsonl")
+
+
+def check_key_folder(out: Path) -> None:
+    """Private keys get their own folder: never a mira run directory (or inside one), whose
+    results are copied, shared and published."""
+    out = Path(out).expanduser().resolve()
+    for d in (out, *out.parents):
+        if d.is_dir() and any((d / m).exists() for m in RUN_MARKERS):
+            raise MiraError(f"{out} is inside the run directory {d}; keep private keys in their own folder, never "
+                            "with results", where="--out")
+
+
+def make_key_folder(out: Path) -> None:
+    """Create ``out`` (owner-only, 0700, when it is new) after ``check_key_folder``."""
+    check_key_folder(out)
+    if not out.exists():
+        out.mkdir(parents=True, mode=0o700)
+        os.chmod(out, 0o700)
 
 
 def _san(hosts: list[str]):
@@ -50,7 +88,7 @@ def generate_ca_and_server(out: Path, hosts: list[str] | tuple[str, ...] = DEFAU
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_key_folder(out)
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=days)
 
@@ -94,7 +132,7 @@ def generate_node_key(out: Path, name: str) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_key_folder(out)
     key = ec.generate_private_key(ec.SECP384R1())
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                              serialization.NoEncryption())

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mira.errors import MiraError
+from mira.federated.flower.settings import ROUND_TIMEOUT, STRAGGLER_TIMEOUT
 
 console = Console()
 flower_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -68,13 +69,44 @@ def certs_cmd(out: Path = typer.Option(Path("certs"), "--out", "-o", help="folde
         console.print(f"SuperNode key: {priv} (public: {pub})")
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    import ipaddress
+
+    h = host.strip().strip("[]")
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_exposure(host: str, tls: bool, auth: bool, insecure: bool) -> None:
+    """A SuperLink reachable from other machines must use TLS and node authentication; only
+    ``--insecure`` (said explicitly) lets it listen there without them."""
+    if is_loopback(host):
+        return
+    if insecure:
+        console.print(f"[red]warning:[/] the SuperLink listens on {host} in plain text and accepts any SuperNode "
+                      "(--insecure): anyone who can reach the port can read the adapters and join the federation")
+        return
+    missing = [what for what, ok in (("TLS (--certs)", tls), ("node authentication (--auth)", auth)) if not ok]
+    if missing:
+        raise MiraError(f"--host {host} is reachable from other machines; that needs {' and '.join(missing)}. "
+                        "Use --host 127.0.0.1 for a local federation, or pass --insecure to listen there without "
+                        "TLS and node authentication (tests only)", where="--host")
+
+
 @flower_app.command("superlink")
 def superlink_cmd(certs: Optional[Path] = typer.Option(None, "--certs", help="folder with ca.crt, server.crt, "
                                                                               "server.key (mira flower certs)"),
-                  insecure: bool = typer.Option(False, "--insecure", help="plain text, no TLS (tests only)"),
+                  insecure: bool = typer.Option(False, "--insecure", help="plain text, no TLS, no node auth (tests "
+                                                "only; needed to listen on a non-loopback address without both)"),
                   auth: bool = typer.Option(False, "--auth", help="accept only SuperNodes registered with "
                                                                   "`mira flower register` (needs TLS)"),
-                  host: str = typer.Option("0.0.0.0", "--host"),
+                  host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (default loopback "
+                                           "only; any other needs --certs and --auth, or an explicit --insecure)"),
                   port: int = typer.Option(9093, "--port", help="one port for the Fleet, Control and Runtime APIs"),
                   database: Optional[str] = typer.Option(None, "--database", help="SQLite file for the SuperLink "
                                                                                   "state (default: in memory)"),
@@ -82,6 +114,7 @@ def superlink_cmd(certs: Optional[Path] = typer.Option(None, "--certs", help="fo
     """Start a Flower SuperLink (runs mira's ServerApp when a run is submitted)."""
     from mira.federated.flower.bundle import flower_bin
 
+    check_exposure(host, tls=not insecure and certs is not None, auth=auth, insecure=insecure)
     cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if insecure:
@@ -169,11 +202,25 @@ def register_cmd(public_key: Path = typer.Argument(..., help="the SuperNode's pu
     console.print(f"registered {public_key} as node {node_id}")
 
 
-def _settings(out: Path, round_timeout: float, straggler_timeout: float, node_wait: float, resume: bool):
+def _settings(out: Path, round_timeout: float, straggler_timeout: float, node_wait: float, resume: bool,
+              min_clients: int = 0, cross_eval: bool = False):
     from mira.federated.flower.settings import RunSettings
 
+    if min_clients < 0:
+        raise MiraError("--min-clients must be >= 0 (0: a strict majority of the sampled clients)",
+                        where="--min-clients")
     return RunSettings(out_dir=str(out.expanduser().resolve()), round_timeout=round_timeout,
-                       straggler_timeout=straggler_timeout, node_wait=node_wait, resume=resume)
+                       straggler_timeout=straggler_timeout, node_wait=node_wait, resume=resume,
+                       min_clients=min_clients, cross_eval=cross_eval)
+
+
+_ROUND_HELP = f"seconds a round may take (0: no limit; default {ROUND_TIMEOUT:g})"
+_STRAGGLER_HELP = (f"once the quorum (--min-clients) has replied, wait this long for the rest (negative: wait for "
+                   f"all, up to --round-timeout; default {STRAGGLER_TIMEOUT:g})")
+_MIN_HELP = ("sampled clients that must reply for a round to count (0: a strict majority; federation.min_clients "
+             "is a floor); a round or evaluation with fewer replies than sampled is flagged partial")
+_CROSS_HELP = ("evaluation: send every node every client's adapter, to compute the global test loss (this shows "
+               "each client's personalised adapter to every node); default: each node gets only its own")
 
 
 def _load(config: Optional[Path], set_: List[str], resume: bool, out: Optional[Path]):
@@ -204,7 +251,9 @@ def _print_summary(out: Path, info: dict) -> None:
     fl = s.get("flower", {})
     flower_total = sum(int(fl.get(k, 0)) for k in ("fit_bytes_down", "fit_bytes_up", "eval_bytes_down",
                                                     "eval_bytes_up", "hello_bytes"))
-    t.add_row(f"{s['mean_local_test_loss']:.4f}", f"{s['mean_global_test_loss']:.4f}", f"{s['bytes_up']:,}",
+    glob = s.get("mean_global_test_loss")
+    t.add_row(f"{s['mean_local_test_loss']:.4f}", "not computed" if glob is None else f"{glob:.4f}",
+              f"{s['bytes_up']:,}",
               f"{s['bytes_down']:,}", f"{flower_total:,}")
     console.print(t)
     traffic = info.get("network-traffic", {})
@@ -212,6 +261,11 @@ def _print_summary(out: Path, info: dict) -> None:
         console.print(f"SuperLink Fleet traffic for the run: {traffic.get('total-bytes', 0):,} bytes")
     if fl.get("failed_updates"):
         console.print(f"left out: {fl['failed_updates']}")
+    if s.get("partial_rounds") or s.get("partial_evaluations"):
+        console.print(f"[yellow]partial:[/] rounds {s.get('partial_rounds', [])} ran with fewer clients than sampled; "
+                      f"evaluations of rounds {s.get('partial_evaluations', [])} missed clients")
+    if fl.get("rebindings"):
+        console.print(f"clients re-bound to another node: {fl['rebindings']}")
     console.print(f"run directory: {out}")
 
 
@@ -225,10 +279,10 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as 
             out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory, on the SuperLink's machine "
                                                                          "(default runs/flower-<algorithm>)"),
             set_: List[str] = typer.Option([], "--set", help="override a config field, e.g. federation.rounds=5"),
-            round_timeout: float = typer.Option(0.0, "--round-timeout", help="seconds a round may take (0: no limit)"),
-            straggler_timeout: float = typer.Option(-1.0, "--straggler-timeout",
-                                                    help="once federation.min_clients have replied, wait this long "
-                                                         "for the rest (negative: wait for all)"),
+            round_timeout: float = typer.Option(ROUND_TIMEOUT, "--round-timeout", help=_ROUND_HELP),
+            straggler_timeout: float = typer.Option(STRAGGLER_TIMEOUT, "--straggler-timeout", help=_STRAGGLER_HELP),
+            min_clients: int = typer.Option(0, "--min-clients", help=_MIN_HELP),
+            cross_eval: bool = typer.Option(False, "--cross-eval", help=_CROSS_HELP),
             node_wait: float = typer.Option(600.0, "--node-wait", help="seconds to wait for every client's SuperNode"),
             resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
             wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the run to finish"),
@@ -239,7 +293,7 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as 
     ca, insecure = _tls_args(certs, root_cert, insecure)
     cfg, raw = _load(config, set_, resume, out)
     out = out or Path("runs") / f"flower-{cfg.algorithm.name}"
-    settings = _settings(out, round_timeout, straggler_timeout, node_wait, resume)
+    settings = _settings(out, round_timeout, straggler_timeout, node_wait, resume, min_clients, cross_eval)
     link = bundle.SuperLinkAddress(superlink, str(ca) if ca else None, insecure).check()
     with tempfile.TemporaryDirectory(prefix="mira-flwr-") as tmp:
         home = bundle.write_cli_home(Path(tmp) / "home", link)
@@ -263,8 +317,10 @@ def app_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as 
             app_dir: Path = typer.Option(..., "--app-dir", help="folder to write the Flower App into"),
             out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory, on the SuperLink's machine"),
             set_: List[str] = typer.Option([], "--set"),
-            round_timeout: float = typer.Option(0.0, "--round-timeout"),
-            straggler_timeout: float = typer.Option(-1.0, "--straggler-timeout"),
+            round_timeout: float = typer.Option(ROUND_TIMEOUT, "--round-timeout", help=_ROUND_HELP),
+            straggler_timeout: float = typer.Option(STRAGGLER_TIMEOUT, "--straggler-timeout", help=_STRAGGLER_HELP),
+            min_clients: int = typer.Option(0, "--min-clients", help=_MIN_HELP),
+            cross_eval: bool = typer.Option(False, "--cross-eval", help=_CROSS_HELP),
             node_wait: float = typer.Option(600.0, "--node-wait"),
             resume: bool = typer.Option(False, "--resume")):
     """Write the Flower App for a config, to submit yourself with `flwr run APP_DIR <connection>`."""
@@ -273,7 +329,8 @@ def app_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as 
     cfg, raw = _load(config, set_, resume, out)
     out = out or Path("runs") / f"flower-{cfg.algorithm.name}"
     app = bundle.write_app(app_dir, bundle.config_text(raw),
-                           _settings(out, round_timeout, straggler_timeout, node_wait, resume))
+                           _settings(out, round_timeout, straggler_timeout, node_wait, resume, min_clients,
+                                     cross_eval))
     console.print(f"Flower App written to {app}/pyproject.toml; submit it with: flwr run {app} <connection> --stream")
 
 
@@ -292,10 +349,14 @@ def local_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, a
               tls: bool = typer.Option(False, "--tls", help="TLS with a fresh test CA"),
               auth: bool = typer.Option(False, "--auth", help="SuperNode authentication (implies --tls)"),
               warm: bool = typer.Option(False, "--warm", help="keep each node's model loaded between messages"),
-              round_timeout: float = typer.Option(0.0, "--round-timeout"),
-              straggler_timeout: float = typer.Option(-1.0, "--straggler-timeout"),
-              workdir: Optional[Path] = typer.Option(None, "--workdir", help="logs, certificates and Flower homes "
-                                                                             "(default <out>/flower)")):
+              round_timeout: float = typer.Option(ROUND_TIMEOUT, "--round-timeout", help=_ROUND_HELP),
+              straggler_timeout: float = typer.Option(STRAGGLER_TIMEOUT, "--straggler-timeout", help=_STRAGGLER_HELP),
+              min_clients: int = typer.Option(0, "--min-clients", help=_MIN_HELP),
+              cross_eval: bool = typer.Option(False, "--cross-eval", help=_CROSS_HELP),
+              workdir: Optional[Path] = typer.Option(None, "--workdir", help="logs and Flower homes (default "
+                                                                             "<out>/flower; the test CA and keys go to "
+                                                                             "a temporary folder of their own, removed "
+                                                                             "at the end)")):
     """A whole federation on 127.0.0.1: a SuperLink, one SuperNode per client, the run; then stop them."""
     from mira.federated.flower import bundle
     from mira.federated.flower.launch import LocalFederation
@@ -303,7 +364,7 @@ def local_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, a
     cfg, raw = _load(config, set_, False, None)
     out = (out or Path("runs") / f"flower-{cfg.algorithm.name}").expanduser().resolve()
     k = _num_clients(cfg)
-    settings = _settings(out, round_timeout, straggler_timeout, 600.0, False)
+    settings = _settings(out, round_timeout, straggler_timeout, 600.0, False, min_clients, cross_eval)
     fed = LocalFederation(workdir or out / "flower", tls=tls or auth, auth=auth)
     try:
         fed.start_superlink()

@@ -96,6 +96,10 @@ class LocalFederation:
     host: str = "127.0.0.1"
     env: dict = field(default_factory=dict)
     procs: dict = field(default_factory=dict)
+    # The test CA, the SuperLink's key and the node keys: a folder of their own, never the
+    # run directory or ``workdir`` (which ``mira flower local`` puts inside it). Default: a
+    # fresh owner-only temporary folder, removed by ``close()``.
+    keys_dir: Path | None = None
 
     def __post_init__(self):
         if self.auth and not self.tls:
@@ -104,7 +108,16 @@ class LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tag = uuid.uuid4().hex
         self.port = free_port(self.host)
-        self.certs = self.workdir / "certs"
+        self._own_keys = self.keys_dir is None
+        if self._own_keys:
+            import tempfile
+
+            self.certs = Path(tempfile.mkdtemp(prefix=f"mira-flower-keys-{self.tag[:12]}-"))  # 0700
+        else:
+            self.certs = Path(self.keys_dir).resolve()
+            if self.certs == self.workdir or self.workdir in self.certs.parents:
+                raise MiraError(f"keep the keys ({self.certs}) out of the federation's workdir {self.workdir}",
+                                where="keys_dir")
         self.cli_home = self.workdir / "flwr_cli"
         self.base_env = {**os.environ, **bundle.QUIET_ENV, TAG: self.tag, "PYTHONUNBUFFERED": "1",
                          "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.3", **self.env}
@@ -296,6 +309,8 @@ class LocalFederation:
 
         for d in glob.glob(os.path.join(tempfile.gettempdir(), f"mira-worker-{self.tag[:12]}-*")):
             shutil.rmtree(d, ignore_errors=True)  # sockets of workers that were killed
+        if self._own_keys:
+            shutil.rmtree(self.certs, ignore_errors=True)  # a throw-away test CA: no key outlives the federation
         return self.leftovers()
 
     def leftovers(self) -> list[str]:

@@ -11,10 +11,12 @@ Three message types, each a ``RecordDict``:
   not all of them, whether the exchange is lossless, the step scale of one-shot). The reply carries the trained
   adapter the same way plus a ``MetricRecord`` (n_train, train_loss, steps, tokens,
   step time).
-* ``evaluate.mira_eval``: ``"adapters"`` (every distinct adapter the server holds,
-  ``a0``, ``a1``, ... in float32) and ``"eval"`` (which one is the node's own). The
-  reply has the node's test loss under each adapter and its number of test tokens,
-  so the server can form every adapter's loss on the union of the test sets.
+* ``evaluate.mira_eval``: ``"adapters"`` (``a0``, ``a1``, ... in float32) and ``"eval"``
+  (which one is the node's own). By default a node gets only its own adapter; with the
+  run setting ``cross-eval`` it gets every distinct adapter the server holds (which shows
+  every client's personalised adapter to every node), so that the server can form every
+  adapter's loss on the union of the test sets. The reply has the node's test loss under
+  each adapter it got and its number of test tokens.
 
 Adapters use mira's own ``WireCodec`` (a 16-byte header and the raw tensor bytes in a
 fixed key order): both ends hold the same model and LoRA config, so no names or shapes

@@ -357,7 +357,7 @@ def secagg_round(engine, rnd: int, progress) -> dict:
         cid_of[node] = cid
     bridge = _bridge_class()(fitins)
     grid = _StageGrid(fleet, cid_of)
-    need = cfg.federation.min_clients
+    need = engine.quorum(len(sampled))  # a strict majority of the sampled by default, >= federation.min_clients
     if len(fitins) >= max(2, need):
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                                 strategy=bridge, client_manager=_available(len(online)))
@@ -386,7 +386,7 @@ def secagg_round(engine, rnd: int, progress) -> dict:
     if bridge.mean is None or len(results) < need:
         stage = grid.stages[-1]["stage"] if grid.stages else "before setup"
         raise MiraError(f"round {rnd}: secure aggregation did not complete ({len(results)} of {len(sampled)} sampled "
-                        f"clients aggregated, stopped after stage {stage}; federation.min_clients={need}, SecAgg+ "
+                        f"clients aggregated, stopped after stage {stage}; quorum {need}, SecAgg+ "
                         f"needs at least 2 and threshold {plan.threshold}); the run stops at round {rnd - 1} (resume "
                         f"continues from its checkpoint)", where="federation.min_clients")
     if len(bridge.mean) != len(keys):

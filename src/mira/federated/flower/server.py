@@ -13,9 +13,27 @@ know the shared LoRA initialisation and to write PEFT adapters) but no data: its
 query to every new node), sends one message per client (MIRA is personalised: each
 client gets its own adapter), and waits for replies under ``RunSettings``' deadlines.
 A client that does not answer (node gone, ClientApp error, deadline) is left out of the
-round; the strategy keeps its last adapter. If fewer than ``federation.min_clients``
-of the sampled clients answer, the run stops with an error; the last checkpoint stays
-and ``resume`` continues from it.
+round; the strategy keeps its last adapter. If fewer than the round's quorum
+(``RunSettings.quorum``: a strict majority of the sampled clients by default, at least
+``federation.min_clients``) answer, the run stops with an error; the last checkpoint
+stays and ``resume`` continues from it. A round that aggregated fewer clients than it
+sampled is flagged ``partial`` in ``rounds.json`` (``eval_partial`` for an evaluation
+that missed clients) and listed in ``summary.json`` (``partial_rounds``,
+``partial_evaluations``).
+
+Client identity. A node says which client it is (``partition-id`` in its node config),
+and the first node to claim a partition is bound to it, by its Flower node id (with
+node authentication, the id the SuperLink fixed for its public key at ``register``).
+Another node claiming a bound partition while its owner is online is refused (and
+logged); once the owner is offline, the partition is re-bound to the new node, and the
+re-binding is logged with its reason and listed in ``summary.json``
+(``flower.rebindings``).
+
+Evaluation. Each node receives only its own adapter (its own and the shared global one
+when the strategy has a single adapter). A personalised strategy's ``global_loss`` (an
+adapter's loss on the union of all test sets) then cannot be formed: it is reported as
+not computed (``null``) unless ``RunSettings.cross_eval`` sends every adapter to every
+node, which shows each client's personalised adapter to all the others.
 """
 from __future__ import annotations
 
@@ -69,6 +87,9 @@ class Fleet:
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.bad: dict[int, str] = {}  # node id -> why it is not used
         self.k: int | None = None
+        self.refused: dict[int, int] = {}  # node id -> the bound partition it claimed (takeover refused)
+        self.rebindings: list[dict] = []  # partitions moved to another node, with the reason
+        self.round = 0  # the round being run (for the log of re-bindings)
         self.hello_bytes = 0
         self._asked: dict[str, tuple] = {}  # hello message id -> (node id, message, time sent)
         self.hello_wait = min(120.0, settings.node_wait)
@@ -86,11 +107,24 @@ class Fleet:
             self.bad[info.node_id] = f"num-partitions={info.num_partitions}, others say {self.k}"
             self.log(f"node {info.node_id} ignored: {self.bad[info.node_id]}")
             return
-        old = self.node_of.get(info.partition_id)
-        if old is not None and old != info.node_id:
-            self.log(f"client {info.partition_id} is now node {info.node_id} (was node {old})")
-        self.nodes[info.node_id] = info
-        self.node_of[info.partition_id] = info.node_id
+        n, pid = info.node_id, info.partition_id
+        if not 0 <= pid < self.k:
+            self.bad[n] = f"partition-id={pid} is not in [0, {self.k})"
+            self.log(f"node {n} ignored: {self.bad[n]}")
+            return
+        old = self.node_of.get(pid)
+        if old is not None and old != n:
+            if old in self.online():
+                self.bad[n] = f"claims partition-id={pid}, which is bound to node {old}, still online"
+                self.refused[n] = pid
+                self.log(f"node {n} refused: {self.bad[n]} (takeover refused; client {pid} stays node {old})")
+                return
+            reason = f"node {old} went offline"
+            self.rebindings.append({"client": pid, "from_node": old, "to_node": n, "round": self.round,
+                                    "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.log(f"client {pid} re-bound from node {old} to node {n}: {reason}")
+        self.nodes[n] = info
+        self.node_of[pid] = n
 
     def complete(self) -> bool:
         return self.k is not None and all(c in self.node_of for c in range(self.k))
@@ -98,12 +132,17 @@ class Fleet:
     def _greet(self) -> None:
         """Send ``hello`` to nodes not asked yet (again after ``hello_wait``); take in the answers."""
         now = time.monotonic()
+        online = self.online()
+        for n, pid in list(self.refused.items()):  # its partition's owner has gone: it may claim it now
+            if n in online and self.node_of.get(pid) not in online:
+                del self.refused[n]
+                self.bad.pop(n, None)
         for mid, (n, msg, sent) in list(self._asked.items()):
             if now - sent > self.hello_wait:
                 self.log(f"node {n} did not answer hello in {self.hello_wait:.0f}s; asking again")
                 del self._asked[mid]
         asked = {n for n, _, _ in self._asked.values()}
-        new = sorted(self.online() - set(self.nodes) - set(self.bad) - asked)
+        new = sorted(online - set(self.nodes) - set(self.bad) - asked)
         if new:
             msgs = [Message(RecordDict(), dst_node_id=n, message_type=MSG_HELLO, group_id="hello",
                             ttl=max(self.hello_wait, 60.0)) for n in new]
@@ -288,12 +327,29 @@ def flower_engine_class():
                 self.flower[f"{kind}_bytes_up"] += r.bytes_up
                 self.flower[f"{kind}_messages"] += 1 if r.bytes_down else 0
 
+        def quorum(self, sampled: int) -> int:
+            """Replies a round of ``sampled`` clients needs (``RunSettings.quorum``)."""
+            return self.settings.quorum(sampled, self.cfg.federation.min_clients)
+
         # -- one round: configure_fit -> SuperNodes -> aggregate_fit ----------------------
         def run_round(self, rnd: int, progress) -> dict:
+            self.fleet.round = rnd
             if self.secagg is not None:
                 from mira.federated.flower.secagg import secagg_round
 
-                return secagg_round(self, rnd, progress)
+                entry = secagg_round(self, rnd, progress)
+            else:
+                entry = self._plain_round(rnd, progress)
+            # fewer clients aggregated than sampled (left out, or rejected): flagged, never silent
+            short = sorted(set(entry.get("failed", [])) | set(entry.get("rejected", [])))
+            entry["partial"] = bool(short)
+            entry["aggregated"] = len(entry["sampled"]) - len(short)
+            if short:
+                say(f"round {rnd}: partial, {entry['aggregated']} of {len(entry['sampled'])} sampled clients "
+                    f"aggregated (quorum {self.quorum(len(entry['sampled']))})")
+            return entry
+
+        def _plain_round(self, rnd: int, progress) -> dict:
             t0 = time.perf_counter()
             self.fleet.refresh()
             sampled = self.sample(rnd)
@@ -313,8 +369,10 @@ def flower_engine_class():
                                                     sorted(ins.frozen), [] if keys == all_keys else keys,
                                                     lossless=not exchanges,
                                                     step_scale=int(getattr(ins, "step_scale", 1))))
-            replies = self.fleet.exchange(MSG_FIT, contents, group=f"fit-{rnd}",
-                                          min_ok=self.cfg.federation.min_clients)
+            need = self.quorum(len(sampled))
+            if self.privacy is not None:  # Poisson sampling may sample fewer (even none): the round still counts
+                need = min(need, len(sampled))
+            replies = self.fleet.exchange(MSG_FIT, contents, group=f"fit-{rnd}", min_ok=need)
             self._count("fit", replies)
             results, rejected, failed = {}, [], []
             step_time, tokens, n_steps, up = 0.0, 0, 0, {}
@@ -345,13 +403,11 @@ def flower_engine_class():
                                                                         "prox_term": float(m.get("prox_term", 0.0))})
                 progress.client_done()
             replied = len(sampled) - len(failed)
-            need = self.cfg.federation.min_clients
-            if self.privacy is not None:  # Poisson sampling may sample fewer (even none): the round still counts
-                need = min(need, len(sampled))
             if replied < need:
-                raise MiraError(f"round {rnd}: {replied} of {len(sampled)} sampled clients replied, fewer than "
-                                f"federation.min_clients={need}; the run stops at round {rnd - 1} (resume continues "
-                                f"from its checkpoint)", where="federation.min_clients")
+                raise MiraError(f"round {rnd}: {replied} of {len(sampled)} sampled clients replied, fewer than the "
+                                f"quorum of {need} (min-clients: a strict majority by default; federation.min_clients="
+                                f"{self.cfg.federation.min_clients}); the run stops at round {rnd - 1} (resume "
+                                f"continues from its checkpoint)", where="federation.min_clients")
             aggregate, dp_info = results, {}
             if self.privacy is not None:  # central DP: the same private mean as in the engine (mira.privacy)
                 start = {k: v for k, v in self.strategy.configure_fit(0).adapter.items() if k in keys}
@@ -377,6 +433,11 @@ def flower_engine_class():
 
         # -- evaluation on the nodes --------------------------------------------------------
         def evaluate(self, rnd: int) -> list[dict]:
+            """Each node evaluates the adapters it may see on its own test split: its own only
+            (by default), or every distinct adapter with ``cross_eval``. An adapter's ``global_loss``
+            (its loss on the union of the test sets, from the per-node sums) is formed when every
+            evaluated node evaluated it, i.e. always for a single shared adapter; otherwise it is
+            NaN here and ``null`` in the files ("not computed")."""
             adapters, index, own = [], {}, {}
             for c in self.ws.clients:
                 a = self.strategy.adapter_for(c.id)
@@ -386,34 +447,40 @@ def flower_engine_class():
                 own[c.id] = index[id(a)]
             keys = self.ws.slot.keys()
             bufs = [self.lossless.encode(a, keys) for a in adapters]
-            contents = {c.id: eval_content(bufs, own[c.id], rnd) for c in self.ws.clients}
-            replies = self.fleet.exchange(MSG_EVAL, contents, group=f"eval-{rnd}",
-                                          min_ok=min(len(contents), self.cfg.federation.min_clients))
+            cross = self.settings.cross_eval
+            visible = {c.id: list(range(len(adapters))) if cross else [own[c.id]] for c in self.ws.clients}
+            contents = {c.id: eval_content([bufs[i] for i in visible[c.id]], visible[c.id].index(own[c.id]), rnd)
+                        for c in self.ws.clients}
+            need = min(len(contents), self.quorum(len(contents)))
+            replies = self.fleet.exchange(MSG_EVAL, contents, group=f"eval-{rnd}", min_ok=need)
             self._count("eval", replies)
-            per_node, failed = {}, []
+            per_node, failed = {}, []  # client -> (its metrics, adapter index -> loss)
             for c in self.ws.clients:
                 r = replies[c.id]
                 try:
                     if r.error:
                         raise ValueError(r.error)
                     m = parse_eval_reply(r.content)
-                    if len(m["losses"]) != len(adapters):
-                        raise ValueError(f"{len(m['losses'])} losses for {len(adapters)} adapters")
-                    per_node[c.id] = m
+                    if len(m["losses"]) != len(visible[c.id]):
+                        raise ValueError(f"{len(m['losses'])} losses for {len(visible[c.id])} adapters")
+                    per_node[c.id] = (m, {i: float(x) for i, x in zip(visible[c.id], m["losses"])})
                 except (KeyError, TypeError, ValueError) as e:
                     failed.append(c.id)
                     say(f"round {rnd}: client {c.id} not evaluated: {e}")
             if not per_node:
                 raise MiraError(f"round {rnd}: no SuperNode answered the evaluation")
-            weight = {j: int(m["tokens"]) for j, m in per_node.items() if int(m["tokens"]) > 0}
+            weight = {j: int(m["tokens"]) for j, (m, _) in per_node.items() if int(m["tokens"]) > 0}
+            total = sum(weight.values())
             rows = []
             for c in self.ws.clients:
                 if c.id not in per_node:
                     continue
-                m, i = per_node[c.id], own[c.id]
-                total = sum(weight.values())
-                glob = sum(per_node[j]["losses"][i] * w for j, w in weight.items()) / total if total else float("nan")
-                row = {"round": rnd, "client": c.id, "task": c.task, "local_loss": float(m["losses"][i]),
+                (m, losses), i = per_node[c.id], own[c.id]
+                if total and all(i in per_node[j][1] for j in weight):
+                    glob = sum(per_node[j][1][i] * w for j, w in weight.items()) / total
+                else:
+                    glob = float("nan")  # not computed: other nodes did not see this adapter
+                row = {"round": rnd, "client": c.id, "task": c.task, "local_loss": losses[i],
                        "global_loss": float(glob), "n_train": len(self.ws.train[c.id]),
                        "n_test": len(self.ws.test[c.id])}
                 for key in ("rouge_l", "exact_match"):
@@ -422,16 +489,43 @@ def flower_engine_class():
                 rows.append(row)
             if self._entry.get("round") == rnd:
                 self._entry["eval_failed"] = failed
+                self._entry["eval_partial"] = bool(failed)
+            if failed:
+                say(f"round {rnd}: partial evaluation, {len(per_node)} of {len(contents)} clients evaluated")
             return rows
 
         def finish(self) -> dict:
             from mira.io import atomic_write_json
 
+            import json
+            import math
+
+            from mira.io import atomic_write_text
+
             summary = super().finish()
             summary["runtime"] = "flower"
             summary["flower"] = {**self.flower, "hello_bytes": self.fleet.hello_bytes,
                                  "failed_updates": self.failed,
-                                 "nodes": {str(c): n for c, n in sorted(self.fleet.node_of.items())}}
+                                 "nodes": {str(c): n for c, n in sorted(self.fleet.node_of.items())},
+                                 "rebindings": list(getattr(self.fleet, "rebindings", [])),
+                                 "cross_eval": bool(self.settings.cross_eval),
+                                 "quorum": self.settings.min_clients or "majority"}
+            summary["partial_rounds"] = [e["round"] for e in self.rounds_log if e.get("partial")]
+            summary["partial_evaluations"] = [e["round"] for e in self.rounds_log if e.get("eval_partial")]
+
+            def nan(x) -> bool:
+                return isinstance(x, float) and math.isnan(x)
+
+            if any(nan(r["global_loss"]) for r in self.rows):  # personalised adapters, no cross-evaluation
+                summary["global_loss"] = ("not computed: each node evaluated only its own adapter (cross-eval "
+                                          "sends every adapter to every node, exposing them, to compute it)")
+                if nan(summary["mean_global_test_loss"]):
+                    summary["mean_global_test_loss"] = None
+                for c in summary["clients"]:
+                    if nan(c.get("global_test_loss")):
+                        c["global_test_loss"] = None
+                atomic_write_text(self.out / "metrics.jsonl", "".join(
+                    json.dumps({k: (None if nan(v) else v) for k, v in r.items()}) + "\n" for r in self.rows))
             if self.secagg is not None:
                 summary["secure_aggregation"] = self.secagg.report(self.rounds_log)
             atomic_write_json(self.out / "summary.json", summary)
