@@ -303,3 +303,48 @@ def test_bad_privacy_settings_get_one_line(ws, tiny_model_dir, tmp_path, privacy
         Engine(ws, _cfg(tiny_model_dir, name, **copy.deepcopy(privacy)), tmp_path / "x")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x").exists()
+
+
+# -- fixes from the independent review ---------------------------------------------------------------
+def test_adaptive_count_uses_shifted_bits_over_the_expected_count():
+    from mira.privacy.config import AdaptiveClipping
+
+    cfg = ClientDP(noise_multiplier=0.0, clip_norm=1.0, delta=1e-3, adaptive=AdaptiveClipping(target_quantile=0.5, lr=0.2))
+    m = DPFedAvg(cfg, num_clients=4, fraction=0.5, rounds=3, seed=0)  # qK = 2
+    ups = {0: _state(0.1, 0.0), 1: _state(0.2, 0.0), 2: _state(5.0, 0.0)}  # 2 of 3 unclipped
+    m.server_aggregate(1, {c: FitRes(u, 1) for c, u in ups.items()}, _state(0.0, 0.0), KEYS)
+    b = (2 - 3 / 2) / 2 + 0.5  # sum of (bit - 1/2), over qK, plus 1/2: sensitivity 1/2 as Thm 1 needs
+    assert m.clip_norm == pytest.approx(math.exp(-0.2 * (b - 0.5)))
+
+
+def test_dpsgd_delta_is_checked_against_the_largest_client_and_z_covers_every_client():
+    from mira.privacy.config import SampleDP
+    from mira.privacy.dp_sgd import DPSGD
+
+    d = DPSGD(SampleDP(noise_multiplier=1.0), n_train=[10, 10_000], batch_size=8, steps_per_round=[2, 2], rounds=2)
+    assert d.delta < 1 / 10_000
+    with pytest.raises(MiraError, match="not below 1/n"):
+        DPSGD(SampleDP(noise_multiplier=1.0, delta=1e-3), n_train=[10, 5_000], batch_size=8, steps_per_round=[2, 2],
+              rounds=2)
+    # n = 1 trains 1 step at q = 1, n = 9 two steps at q = 8/9: the second needs more noise
+    d = DPSGD(SampleDP(epsilon=2.0, delta=1e-3), n_train=[1, 9], batch_size=8, steps_per_round=[1, 2], rounds=3)
+    for c, steps in enumerate([1, 2]):
+        assert acc.epsilon(acc.dpsgd_event(d.z, d.rate(c), 3 * steps), 1e-3) <= 2.0 * 1.001
+
+
+def test_dpsgd_refuses_strategies_with_another_step_budget(ws, tiny_model_dir, tmp_path):
+    for name in ("oneshot", "fedit_ft"):
+        with pytest.raises(MiraError, match="budget"):
+            Engine(ws, _cfg(tiny_model_dir, name, sample={"noise_multiplier": 1.0}), tmp_path / name)
+
+
+def test_secure_noise_is_not_derivable_from_the_seed():
+    shape = (50, 50)
+    seeded = _central(z=1.0)
+    secure = _central(z=1.0)
+    secure.secure = True
+    a = seeded.server_aggregate(1, {}, _state(0.0, 0.0, shape), KEYS)[0][0].adapter[KEYS[0]]
+    b = secure.server_aggregate(1, {}, _state(0.0, 0.0, shape), KEYS)[0][0].adapter[KEYS[0]]
+    again = _central(z=1.0).server_aggregate(1, {}, _state(0.0, 0.0, shape), KEYS)[0][0].adapter[KEYS[0]]
+    assert torch.equal(a, again) and not torch.allclose(a, b)
+    assert "dp_update_norm_median" not in seeded.server_aggregate(2, {}, _state(0.0, 0.0), KEYS)[1]

@@ -75,6 +75,34 @@ def test_precomputed_embeddings_match(records):
         refine(records, fake(), embeddings=emb[:5], value_factory=lambda p, v: TaskValue(p))
 
 
+def test_defaults_keep_a_first_run_small():
+    """Ten groups per permutation whatever the size (not groups of one below 75 records), at least ten clusters."""
+    s = ShedSettings()
+    assert [s.group_count(k) for k in (5, 10, 11, 48, 455, 3000)] == [1, 1, 2, 5, 46, 300]
+    assert [s.cluster_count(n) for n in (5, 50, 330, 15000)] == [5, 10, 10, 455]
+    assert s.budget_count(200) == 20  # no budget given: 10 %
+    assert (s.optimizer, s.value_lr, s.steps, s.antithetic, s.center) == ("sgd", 0.1, 10, True, True)
+    assert ShedSettings(optimizer="adamw").value_lr == 3e-3
+
+
+def test_split_embedding_separates_bad_responses():
+    """``embed_fields="split"``: records that ask alike but answer "N/A" get clusters of their own."""
+    from mira.shed.cluster import kmeans
+    from mira.shed.embed import embed_records
+
+    good = [Record(f"Describe the city number {i} in two sentences.", f"City {i} is large. It has a river and "
+                   f"{i} bridges, many parks and an old harbour.") for i in range(12)]
+    bad = [Record(f"Describe the city number {i} in two sentences.", "N/A") for i in range(12, 16)]
+    recs = good + bad
+    split = embed_records(recs, "hashing", fields="split")
+    assert split.shape[1] == 2 * embed_records(recs, "hashing", fields="example").shape[1]
+    np.testing.assert_allclose(np.linalg.norm(split, axis=1), 1.0, rtol=1e-5)
+    labels = kmeans(split, 2, seed=0).labels
+    assert len(set(labels[12:])) == 1 and labels[0] != labels[12] and len(set(labels[:12])) == 1
+    with pytest.raises(MiraError, match="embed_fields"):
+        embed_records(recs, "hashing", fields="both")
+
+
 def test_api_errors(records):
     with pytest.raises(MiraError, match="empty"):
         run([])

@@ -96,3 +96,28 @@ def test_refine_reports_reliability_in_the_result_and_shed_json(records, tmp_pat
     assert rep["reliability"]["split_half"] == pytest.approx(rel.split_half)
     assert {"evaluations", "cache_hits", "verdict", "mean_stderr", "value_spread"} <= set(rep["reliability"])
     assert rep["wall_s"] == pytest.approx(res.timings["total_s"])
+
+
+def test_a_few_bad_players_are_a_filter_even_when_the_ranking_is_noise():
+    """Six bad players, eighteen equally good ones: the order among the good is noise (low split-half), but the
+    bad are the lowest quarter in both halves, and the verdict says so."""
+    worth = np.array([-1.0] * 6 + [0.0] * 18)
+    rng = np.random.default_rng(5)
+
+    def v(s):
+        return float(sum(worth[i] for i in s)) + 0.3 * rng.normal()
+
+    res = monte_carlo_shapley(24, v, iterations=8, group_size=1, seed=0, antithetic=True, center=True)
+    rel = assess(res, threshold=0.9)
+    assert rel.bottom_size == 6 and rel.bottom_overlap >= 5 and rel.bottom_p < 0.01
+    if not rel.reliable:
+        assert "lowest quarter is consistent" in rel.verdict and "not random" in rel.verdict
+    assert "lowest quarter:" in "\n".join(rel.lines())
+
+
+def test_hypergeometric_tail():
+    from mira.shed.reliability import hypergeom_tail
+
+    assert hypergeom_tail(24, 6, 0) == pytest.approx(1.0)
+    # P(two random 6-subsets of 24 share all 6) = 1 / C(24, 6)
+    assert hypergeom_tail(24, 6, 6) == pytest.approx(1 / math.comb(24, 6))

@@ -50,6 +50,24 @@ def test_evaluate_with_other_seeds_measures_the_noise(demo_proxy, records):
     assert v.train_seconds > 0
 
 
+def test_background_records_are_in_every_coalition(demo_proxy, records):
+    s = ShedSettings(steps=3, batch_size=4, max_length=80, lr=0.05)
+    plain = LoraValue(demo_proxy, records[:6], records[-8:], s)
+    with_bg = LoraValue(demo_proxy, records[:6], records[-8:], s, background_records=records[30:34])
+    assert with_bg.background == frozenset(range(6, 10))
+    assert plain.batches(frozenset(), 0) == [] and len(with_bg.batches(with_bg.background, 0)) == 3
+    assert with_bg(frozenset()) != plain(frozenset())  # v(empty) already trains on the background
+    assert plain(frozenset()) == pytest.approx(plain.score())
+
+
+def test_sgd_and_adamw_differ(demo_proxy, records):
+    s = ShedSettings(steps=3, batch_size=4, max_length=80)
+    sgd = LoraValue(demo_proxy, records[:6], records[-8:], s)
+    adam = LoraValue(demo_proxy, records[:6], records[-8:], s.model_copy(update={"optimizer": "adamw"}))
+    everyone = frozenset(range(6))
+    assert sgd(everyone) != adam(everyone)
+
+
 def test_epochs_is_refused_with_a_reason():
     from mira.errors import MiraError
 

@@ -218,6 +218,7 @@ class Engine:
         if self.dpsgd is not None:
             self.trainer.settings.dp_noise_multiplier = self.dpsgd.z
             self.trainer.settings.dp_max_grad_norm = cfg.privacy.sample.max_grad_norm
+            self.trainer.settings.dp_secure_noise = cfg.privacy.secure_noise
         self.per_round = max(1, int(round(cfg.federation.fraction * self.k)))
         if self.per_round < cfg.federation.min_clients:
             raise MiraError(f"fraction {cfg.federation.fraction} samples {self.per_round} clients per round, "

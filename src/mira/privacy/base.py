@@ -39,6 +39,17 @@ def gaussian_like(t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Te
     return (noise * std).to(t.device, t.dtype)
 
 
+_SECURE_SEED: list[int] = []
+
+
+def secure_seed() -> int:
+    import os
+
+    if not _SECURE_SEED:
+        _SECURE_SEED.append(int.from_bytes(os.urandom(16), "little"))
+    return _SECURE_SEED[0]
+
+
 def generator(*parts: int) -> torch.Generator:
     seed = int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
     return torch.Generator().manual_seed(seed)
@@ -54,7 +65,17 @@ class ClientMechanism:
         self.delta = cfg.delta if cfg.delta is not None else default_delta(num_clients)
         self.clip_norm = float(cfg.clip_norm)
         self.participations = [0] * num_clients
+        self.secure = False  # privacy.secure_noise (set by build_client_mechanism)
         self.z = self.noise_multiplier()
+
+    def noise_seed(self) -> int:
+        """The root of every noise and sampling draw: the run's seed (exact resume; a simulation), or, with
+        ``privacy.secure_noise``, 128 bits from ``os.urandom`` drawn once per process (not derivable from the
+        config, so that no party knowing it can subtract the noise; a resumed run then draws new noise)."""
+        return secure_seed() if self.secure else self.seed
+
+    def generator(self, *parts: int) -> torch.Generator:
+        return generator(self.noise_seed(), *parts)
 
     @classmethod
     def check_strategy(cls, strategy_cls) -> None:
@@ -122,4 +143,6 @@ def build_client_mechanism(cfg, strategy_cls, *, num_clients: int, fraction: flo
     if cfg.lora.ranks:
         raise MiraError("client-level DP with per-client LoRA ranks (lora.ranks) is not supported: the clip and the "
                         "noise are defined on one adapter shape", where="privacy.client")
-    return cls(pc, num_clients=num_clients, fraction=fraction, rounds=rounds, seed=seed)
+    mech = cls(pc, num_clients=num_clients, fraction=fraction, rounds=rounds, seed=seed)
+    mech.secure = bool(cfg.privacy.secure_noise)
+    return mech

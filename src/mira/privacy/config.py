@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -103,6 +103,9 @@ class SecureAggregation(_Strict):
 class PrivacyConfig(_Strict):
     client: Optional[ClientDP] = None
     sample: Optional[SampleDP] = None
+    # False: every noise draw is seeded from the run's seed (exact resume: a simulator's choice; anyone who
+    # knows the config can subtract the noise). True: seeds from os.urandom, for a deployment.
+    secure_noise: StrictBool = False
     # SecAgg+ on the Flower runtime (not differential privacy: ``enabled`` does not count it)
     secure_aggregation: Optional[SecureAggregation] = None
 

@@ -14,10 +14,11 @@ the FedOpt family use it as their pseudo-gradient. A round in which nobody was s
 releases noise. Client weights are uniform (data-size weights would leak the sizes and raise the
 sensitivity).
 
-Adaptive clipping: ``b = (#{k: ||Delta_k|| <= C} + N(0, sigma_b^2)) / (q K)`` and
-``C <- C exp(-lr (b - target_quantile))``; the noise multiplier splits as
-``z_Delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` so that the pair costs what one Gaussian with ``z`` does
-(Andrew et al., Thm 1). ``sigma_b`` defaults to ``qK / 20``. (Note: Flower 1.42 counts the
+Adaptive clipping: each client's bit ``1[||Delta_k|| <= C] - 1/2`` (shifted, so that one client changes
+their sum by at most 1/2) is summed, noised and normalised, ``b = (sum_k (bit_k - 1/2) + N(0, sigma_b^2)) / (q K)
++ 1/2`` (as TF Privacy's ``QuantileEstimatorQuery``), and ``C <- C exp(-lr (b - target_quantile))``; the
+noise multiplier splits as ``z_Delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` so that the pair costs what one
+Gaussian with ``z`` does (Andrew et al., Thm 1, which needs the sensitivity 1/2 of the shifted bits). ``sigma_b`` defaults to ``qK / 20``. (Note: Flower 1.42 counts the
 *clipped* updates in ``b`` with the same update rule, which drives C the wrong way; mira follows
 the paper.)
 """
@@ -66,7 +67,7 @@ class DPFedAvg(ClientMechanism):
         return calibrate(lambda z: central_event(z, self.q, self.rounds), c.epsilon, self.delta, "privacy.client.epsilon")
 
     def sample(self, rnd: int, k: int) -> list[int]:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, rnd, 2_000_003]))
+        rng = np.random.default_rng(np.random.SeedSequence([self.noise_seed(), rnd, 2_000_003]))
         return [i for i in range(k) if rng.random() < self.q]
 
     def server_aggregate(self, rnd: int, results: dict, start: dict | None, keys: list[str]) -> tuple[dict, dict]:
@@ -82,15 +83,17 @@ class DPFedAvg(ClientMechanism):
             self.participations[cid] += 1
             for k in keys:
                 total[k] = total[k] + delta[k].to(total[k].device)
-        gen = generator(self.seed, rnd, 3_000_017)
+        gen = self.generator(rnd, 3_000_017)
         std = self.z_update * clip
         mean = {k: (total[k] + gaussian_like(total[k], std, gen)) / self.expected for k in keys}
         virtual = {k: (start[k].double() + mean[k]).to(start[k].dtype) for k in keys}
-        info = {"dp_clip_norm": clip, "dp_noise_std": std / self.expected, "dp_clients": len(results),
-                "dp_update_norm_median": float(np.median(norms)) if norms else None}
+        info = {"dp_clip_norm": clip, "dp_noise_std": std / self.expected, "dp_clients": len(results)}
+        if self.z == 0 and norms:  # the raw median norm is a noise-free statistic: only in a noiseless probe
+            info["dp_update_norm_median"] = float(np.median(norms))
         ad = self.cfg.adaptive
-        if ad is not None:
-            noisy = (unclipped + float(gen_normal(gen)) * self.count_std) / self.expected
+        if ad is not None:  # bits shifted by -1/2 (sensitivity 1/2, which Thm 1's split assumes), then +1/2
+            m = len(results)
+            noisy = (unclipped - m / 2 + float(gen_normal(gen)) * self.count_std) / self.expected + 0.5
             self.clip_norm = clip * math.exp(-ad.lr * (noisy - ad.target_quantile))
             info["dp_unclipped_fraction"] = noisy
         return {0: FitRes(virtual, 1, {})}, info

@@ -10,7 +10,8 @@ Inside one client's local training, every step:
    ``N(0, (z * max_grad_norm)^2)`` to their sum, divide by the expected batch size ``q n`` and
    step the wrapped AdamW.
 
-The noise comes from a generator seeded by the step's seed, so a resumed run is the same run.
+The noise and the batches come from generators seeded by the round's seed, so a resumed run is the
+same run (a simulator's choice); ``privacy.secure_noise: true`` mixes in ``os.urandom`` bits instead.
 Accounting per client (``accountant.dpsgd_event``): ``q = B / n_k`` over all the steps the client
 took across rounds. One ``z`` serves every client: given a target epsilon it is calibrated for the
 worst case, the smallest client training in every round; ``epsilon`` in the report is the largest
@@ -36,16 +37,17 @@ class DPSGD:
 
     def __init__(self, cfg, *, n_train: list[int], batch_size: int, steps_per_round: list[int], rounds: int):
         self.cfg, self.n, self.batch_size = cfg, list(n_train), batch_size
-        smallest = max(1, min(self.n))
-        self.delta = cfg.delta if cfg.delta is not None else default_delta(smallest)
-        check_delta(self.delta, smallest, "examples", "privacy.sample.delta")
+        largest = max(1, max(self.n))  # delta < 1/n must hold for every client, so for the largest
+        self.delta = cfg.delta if cfg.delta is not None else default_delta(largest)
+        check_delta(self.delta, largest, "examples", "privacy.sample.delta")
         self.steps = [0] * len(self.n)
+        self.secure = False  # privacy.secure_noise (set by build_sample_mechanism)
         if cfg.noise_multiplier is not None:
             self.z = float(cfg.noise_multiplier)
-        else:
-            worst = int(np.argmin(self.n))
-            q, total = self.rate(worst), rounds * steps_per_round[worst]
-            self.z = calibrate(lambda z: dpsgd_event(z, q, total), cfg.epsilon, self.delta, "privacy.sample.epsilon")
+        else:  # the largest z any client needs when it trains in every round (q and steps both vary with n)
+            cases = sorted({(self.rate(c), rounds * steps_per_round[c]) for c in range(len(self.n))})
+            self.z = max(calibrate(lambda z, q=q, t=t: dpsgd_event(z, q, t), cfg.epsilon, self.delta,
+                                   "privacy.sample.epsilon") for q, t in cases)
 
     def rate(self, cid: int) -> float:
         return min(1.0, self.batch_size / max(1, self.n[cid]))
@@ -77,11 +79,16 @@ def build_sample_mechanism(cfg, strategy_cls, n_train: list[int], *, rounds: int
     if getattr(strategy_cls, "pooled", False):
         raise MiraError("DP-SGD on the pooled data (centralized) is not supported; use a federated algorithm",
                         where="privacy.sample")
+    if not getattr(strategy_cls, "uniform_steps", True):
+        raise MiraError(f"{strategy_cls.name} trains a budget other than R local steps per round, which DP-SGD's "
+                        f"calibration assumes; not supported", where="privacy.sample")
     from mira.federated.engine import train_settings
 
     settings = train_settings(cfg)
-    return DPSGD(cfg.privacy.sample, n_train=n_train, batch_size=cfg.federation.batch_size,
+    mech = DPSGD(cfg.privacy.sample, n_train=n_train, batch_size=cfg.federation.batch_size,
                  steps_per_round=[settings.num_steps(n) for n in n_train], rounds=rounds)
+    mech.secure = bool(cfg.privacy.secure_noise)
+    return mech
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,8 +107,13 @@ def poisson_batches(n: int, q: float, steps: int, seed: int) -> list[list[int]]:
 
 def dp_train(trainer, ds: TokenizedDataset, seed: int, *, keys: list[str], params: list[torch.Tensor],
              steps: int, noise_multiplier: float, max_grad_norm: float, batch_size: int, lr: float,
-             weight_decay: float):
-    """``steps`` DP-SGD steps on ``params`` (the slot's LoRA tensors); returns a ``TrainResult``."""
+             weight_decay: float, secure: bool = False):
+    """``steps`` DP-SGD steps on ``params`` (the slot's LoRA tensors); returns a ``TrainResult``. With
+    ``secure``, the batches and the noise are drawn from a seed mixed with ``os.urandom`` bits."""
+    if secure:
+        from mira.privacy.base import secure_seed
+
+        seed = int(np.random.SeedSequence([secure_seed(), seed]).generate_state(1)[0])
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 

@@ -39,7 +39,7 @@ class LocalDP(ClientMechanism):
 
     def client_upload(self, rnd: int, cid: int, start: dict, upload: dict, keys: list[str]) -> dict:
         delta, _ = self.clipped_delta(start, upload, keys, self.clip_norm)
-        gen = generator(self.seed, rnd, cid, 4_000_037)
+        gen = self.generator(rnd, cid, 4_000_037)
         std = self.z * self.clip_norm
         self.participations[cid] += 1
         out = dict(upload)

@@ -79,6 +79,8 @@ def refine_cmd(
     val_data: Optional[str] = typer.Option(None, "--val-data",
                                            help="validation file (same --source) instead of holding out"),
     steps: int = typer.Option(10, "--steps", help="LoRA steps per v(S), the same for every coalition"),
+    background: int = typer.Option(24, "--background",
+                                   help="non-proxy records every v(S) also trains on (0: none, as the paper)"),
     epochs: Optional[str] = typer.Option(None, "--epochs", hidden=True),
     optimizer: str = typer.Option("sgd", "--optimizer", help="of the v(S) fine-tunes: sgd or adamw"),
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of the v(S) fine-tunes "
@@ -91,7 +93,8 @@ def refine_cmd(
     tolerance: Optional[float] = typer.Option(None, "--tolerance",
                                               help="truncate a permutation once |v(S)-v(N)| < tol*|v(N)-v(empty)| "
                                                    "[default: the measured noise of one v(S)]"),
-    noise_seeds: int = typer.Option(2, "--noise-seeds", help="extra training seeds of v(N) to measure the noise of v(S)"),
+    noise_seeds: int = typer.Option(2, "--noise-seeds",
+                                    help="extra training seeds of v(N) to measure the noise of v(S)"),
     reliability_threshold: float = typer.Option(0.5, "--reliability-threshold",
                                                 help="split-half rank correlation below which the values are noise"),
     max_length: int = typer.Option(128, "--max-length", help="tokens per example for v(S)"),
@@ -117,7 +120,8 @@ def refine_cmd(
         "budget_fraction": budget_fraction, "budget_records": budget_records, "strategy": strategy, "model": model,
         "clusters": clusters, "iterations": iterations, "group_size": group_size, "antithetic": antithetic,
         "center": center, "beta": beta, "standardize": standardize, "seed": seed, "val_fraction": val_fraction,
-        "max_val": max_val, "steps": steps, "optimizer": optimizer, "lr": lr, "metric": metric, "embedder": embedder, "embed_fields": embed_fields, "tolerance": tolerance,
+        "max_val": max_val, "steps": steps, "background": background, "optimizer": optimizer, "lr": lr, "metric": metric, "embedder": embedder,
+        "embed_fields": embed_fields, "tolerance": tolerance,
         "noise_seeds": noise_seeds, "reliability_threshold": reliability_threshold, "max_length": max_length,
         "template": template,
     }
@@ -140,14 +144,16 @@ def refine_cmd(
             err_console.print(f"warning: {rel.verdict}", soft_wrap=True, highlight=False)
         return
     sh = result.shapley
-    t = Table(show_header=False, title=f"SHED {settings.strategy}: {len(result.records)} of {len(result.candidates)} records")
+    t = Table(show_header=False,
+              title=f"SHED {settings.strategy}: {len(result.records)} of {len(result.candidates)} records")
     t.add_column("")
     t.add_column("", justify="right")
     r = "n/a" if rel is None or rel.split_half is None else f"{rel.split_half:.2f}"
     for name, value in (("clusters", str(result.clustering.k)), ("v(empty)", f"{sh.v_empty:.4f}"),
                         ("v(all proxies)", f"{sh.v_full:.4f}"),
                         ("v(S) computed", str(rel.evaluations if rel else sh.evaluations)),
-                        ("cache hits", str(sh.cache_hits)), ("truncated groups", f"{sh.truncated_groups}/{sh.total_groups}"),
+                        ("cache hits", str(rel.cache_hits if rel else sh.cache_hits)),
+                        ("truncated groups", f"{sh.truncated_groups}/{sh.total_groups}"),
                         ("split-half r", r), ("wall time", f"{result.timings['total_s']:.1f}s")):
         t.add_row(name, value)
     console.print(t)

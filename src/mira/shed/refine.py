@@ -6,9 +6,10 @@ federated ``refine:`` hook. Validation records for v(S) are either given
 held out: they are never candidates, and the budget applies to the remaining records.
 Everything random derives from ``settings.seed``, so the same seed gives the same subset.
 
-Before the permutations, v(empty) and v(all proxies) are computed, and v(all proxies) again
-with ``noise_seeds`` other training seeds: the noise of one v(S). Unless ``tolerance`` is
-set, truncation uses that noise as its tolerance. After them, ``mira.shed.reliability``
+Before the permutations, v(empty) and v(all proxies) are computed, then v(all proxies) and
+v(all proxies but one group) again with ``noise_seeds`` other training seeds: the noise of one
+v(S) and of one (paired) marginal. Unless ``tolerance`` is set, truncation stops a permutation
+once what its remaining groups can add is below the noise of one marginal. After them, ``mira.shed.reliability``
 judges the values (split-half rank correlation, standard errors, noise against spread);
 the figures go into ``RefineResult.reliability`` and ``shed.json``.
 """
@@ -27,7 +28,7 @@ from mira.shed.embed import embed_records
 from mira.shed.reliability import Reliability, assess
 from mira.shed.select import select
 from mira.shed.settings import ShedSettings
-from mira.shed.shapley import CachedValue, ProgressFn, ShapleyResult, ValueFn, monte_carlo_shapley
+from mira.shed.shapley import CachedValue, ProgressFn, ShapleyResult, ValueFn, group_orders, monte_carlo_shapley
 
 LogFn = Callable[[str], None]
 ValueFactory = Callable[[list[Record], list[Record]], ValueFn]
@@ -179,7 +180,7 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
             pick = np.random.default_rng([s.seed, 3]).permutation(len(warm))[: s.background]
             background = [warm[i] for i in sorted(pick.tolist())]
             if len(background) < s.background:
-                log(f"background: only {len(background)} non-proxy records (asked for {s.background})")
+                log(f"background: {len(background)} non-proxy records (all there are; background {s.background})")
         value_fn = LoraValue(proxy, proxy_records, val, s, warm, log, background_records=background)
     timings["value_setup_s"] = time.perf_counter() - t0
     cached = value_fn if isinstance(value_fn, CachedValue) else CachedValue(value_fn)
@@ -187,22 +188,31 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
         t0 = time.perf_counter()
         everyone = frozenset(range(clustering.k))
         v_empty, v_full = cached(frozenset()), cached(everyone)
-        noise = [v_full]
+        cached_before = cached.seconds
+        noise, marginals = [v_full], []
         evaluate = getattr(cached.fn, "evaluate", None)
         t_noise = time.perf_counter()
-        if evaluate is not None:  # the same coalition, other training seeds
+        if evaluate is not None and s.noise_seeds:
+            # the noise of one v(S): v(N) under other training seeds; and of one marginal v(N) - v(N - G), G = the
+            # group the first permutation adds last (so v(N - G) under the run's own seed is reused by the run)
             noise += [float(evaluate(everyone, s.seed + 1 + i)) for i in range(s.noise_seeds)]
-        noise_seconds = time.perf_counter() - t_noise
+            if clustering.k > group:
+                last = group_orders(clustering.k, group, 1, s.seed, False)[0][-1]
+                rest = everyone.difference(last.tolist())
+                without = [cached(rest)] + [float(evaluate(rest, s.seed + 1 + i)) for i in range(s.noise_seeds)]
+                marginals = [a - b for a, b in zip(noise, without)]
+        noise_seconds = time.perf_counter() - t_noise - (cached.seconds - cached_before)
         noise_sd = float(np.std(noise, ddof=1)) if len(noise) > 1 else 0.0
+        marginal_sd = float(np.std(marginals, ddof=1)) if len(marginals) > 1 else 0.0
         scale = abs(v_full - v_empty)
         if s.tolerance is not None:
             tolerance = s.tolerance
-        else:  # truncate once the marginals left are below the noise of one v(S)
-            tolerance = min(0.5, noise_sd / scale) if scale > 0 else 0.0
+        else:  # truncate once what the groups left can add is below the noise of one (paired) marginal
+            tolerance = min(0.5, marginal_sd / scale) if scale > 0 else 0.0
         timings["noise_s"] = time.perf_counter() - t0
         if len(noise) > 1:
-            log(f"v(empty) {v_empty:.4f}, v(all {clustering.k} proxies) {v_full:.4f}; noise of one v(S): "
-                f"sd {noise_sd:.4f} over {len(noise)} training seeds")
+            log(f"v(empty) {v_empty:.4f}, v(all {clustering.k} proxies) {v_full:.4f}; noise over {len(noise)} "
+                f"training seeds: sd {noise_sd:.4f} of one v(S), {marginal_sd:.4f} of one marginal")
         log(f"Shapley values of {clustering.k} proxies: {s.iterations} iterations"
             f"{' (antithetic pairs)' if s.antithetic else ''}, groups of {group}, truncation tolerance "
             f"{tolerance:.3g} of |v(N) - v(empty)|")
@@ -214,10 +224,10 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
         if restore:  # leave the shared proxy model's adapter as we found it (fresh)
             restore()
     timings["shapley_s"] = shap.seconds
-    extra = len(noise) - 1
+    extra = len(noise) - 1 + max(0, len(marginals) - 1)  # evaluations outside the cache (other seeds)
     per_eval = (cached.seconds + noise_seconds) / max(1, cached.evaluations + extra)
     reliability = assess(shap, threshold=s.reliability_threshold, noise_values=noise if len(noise) > 1 else (),
-                         evaluations=shap.evaluations + extra, cache_hits=shap.cache_hits,
+                         marginal_noise=marginals, evaluations=cached.evaluations + extra, cache_hits=shap.cache_hits,
                          seconds_per_evaluation=per_eval)
 
     t0 = time.perf_counter()

@@ -8,7 +8,14 @@
 * **standard error** of each cluster value (from the spread of its per-unit means) against
   the **spread** of the values across clusters (their standard deviation);
 * **noise of one v(S)**: v(all proxies) re-trained with other training seeds (``noise_seeds``):
-  the standard deviation of those values against the spread.
+  the standard deviation of those values against the spread; and the **noise of one
+  marginal** ``v(N) - v(N - G)`` for one group ``G`` under the same seeds (paired batches make
+  it smaller than the noise of a single v(S): the marginals are what the values are made of);
+* **bottom-quartile overlap**: how many of the lowest quarter of clusters in one half are also
+  among the lowest quarter in the other, against chance (a hypergeometric p-value). When a few
+  clusters are bad and the rest equally good, the ranking *among the good* is noise (a low
+  split-half correlation) while the bad ones are singled out consistently: the report then
+  says that the values work as a filter (what they exclude is not random), not as a ranking.
 
 Below ``threshold`` (default 0.5) the values are declared noise: a selection by them is a
 random sample. The suggestion projects, by Spearman-Brown, the number of iterations that
@@ -76,6 +83,10 @@ class Reliability:
     value_spread: float  # standard deviation of the cluster values
     noise_sd: Optional[float]  # sd of one v(S) over training seeds; None when not measured
     noise_values: list[float]
+    marginal_noise_sd: Optional[float]  # sd of one marginal v(N) - v(N - G) over the same seeds
+    bottom_overlap: Optional[int]  # clusters in the lowest quarter of both halves
+    bottom_size: Optional[int]  # size of that quarter
+    bottom_p: Optional[float]  # P(overlap >= observed) if the halves were unrelated
     evaluations: int
     cache_hits: int
     seconds_per_evaluation: float
@@ -83,9 +94,12 @@ class Reliability:
     suggested_evaluations: Optional[int]
     suggested_seconds: Optional[float]
     verdict: str
+    _n: int = 0  # clusters
 
     def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        d.pop("_n")
+        return d
 
     def lines(self) -> list[str]:
         """What the console prints."""
@@ -93,26 +107,49 @@ class Reliability:
         r = "n/a" if self.split_half is None else f"{self.split_half:.2f}"
         full = "" if self.full is None else f" (projected to all {self.iterations} iterations: {self.full:.2f})"
         out.append(f"split-half rank correlation of the cluster values: {r}{full}; threshold {self.threshold:g}")
-        noise = "not measured" if self.noise_sd is None else f"{self.noise_sd:.4g} (sd over {len(self.noise_values)} training seeds)"
+        noise = ("not measured" if self.noise_sd is None
+                 else f"{self.noise_sd:.4g} (sd over {len(self.noise_values)} training seeds)")
+        marginal = "" if self.marginal_noise_sd is None else f", of one marginal {self.marginal_noise_sd:.4g}"
         out.append(f"value spread across clusters (sd) {self.value_spread:.4g}; mean standard error "
-                   f"{self.mean_stderr:.4g}; noise of one v(S) {noise}")
+                   f"{self.mean_stderr:.4g}; noise of one v(S) {noise}{marginal}")
+        if self.bottom_overlap is not None:
+            out.append(f"lowest quarter: {self.bottom_overlap} of {self.bottom_size} clusters the same in both halves "
+                       f"(chance {self.bottom_size ** 2 / max(1, self._n):.1f}, p = {self.bottom_p:.2g})")
         out.append(self.verdict)
         return out
 
 
+def hypergeom_tail(n: int, k: int, overlap: int) -> float:
+    """P(X >= overlap) for the overlap X of two random k-subsets of n items."""
+    total = math.comb(n, k)
+    return float(sum(math.comb(k, x) * math.comb(n - k, k - x) for x in range(overlap, k + 1)) / total)
+
+
+def bottom_overlap(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
+    """(overlap, k, p): the lowest quarter (k = n // 4) of ``a`` and of ``b``, and the chance of such an overlap."""
+    n = len(a)
+    k = max(1, n // 4)
+    low_a = set(np.argsort(a, kind="stable")[:k].tolist())
+    low_b = set(np.argsort(b, kind="stable")[:k].tolist())
+    x = len(low_a & low_b)
+    return x, k, hypergeom_tail(n, k, x)
+
+
 def assess(shapley: ShapleyResult, *, threshold: float = 0.5, noise_values: Sequence[float] = (),
-           evaluations: Optional[int] = None, cache_hits: Optional[int] = None,
+           marginal_noise: Sequence[float] = (), evaluations: Optional[int] = None, cache_hits: Optional[int] = None,
            seconds_per_evaluation: float = 0.0) -> Reliability:
     """The reliability of ``shapley``'s values (see the module docstring)."""
     values = shapley.values
     halves = shapley.split_half()
     r = spearman(*halves) if halves is not None else float("nan")
+    low = bottom_overlap(*halves) if halves is not None and len(values) >= 8 else None
     split = None if not math.isfinite(r) else r
     full = None if split is None else spearman_brown(split)
     stderr = shapley.stderr
     spread = float(np.std(values)) if len(values) > 1 else 0.0
     noise = [float(x) for x in noise_values]
     noise_sd = float(np.std(noise, ddof=1)) if len(noise) >= 2 else None
+    marginal_sd = float(np.std(list(marginal_noise), ddof=1)) if len(marginal_noise) >= 2 else None
     iterations = len(shapley.credits)
     groups = shapley.total_groups / max(1, iterations)
     per_iteration = max(1.0, groups - 1)  # the last group completes N, whose value is known
@@ -133,9 +170,15 @@ def assess(shapley: ShapleyResult, *, threshold: float = 0.5, noise_values: Sequ
     else:
         target = threshold if threshold > 0 else 0.5
         factor = (target * (1 - split)) / (split * (1 - target)) if split > 0 else math.inf
-        head = (f"the values are NOISE (split-half rank correlation {split:.2f} < {threshold:g}): two independent "
-                "halves of the permutations rank the clusters differently, so this selection is no better than "
-                "random sampling")
+        if low is not None and low[2] < 0.05:
+            head = (f"the ranking is NOISE (split-half rank correlation {split:.2f} < {threshold:g}): the order of "
+                    "most clusters is not reproducible, so which of them the selection keeps is random; but the lowest "
+                    f"quarter is consistent ({low[0]} of {low[1]} clusters the same in both halves, p = {low[2]:.2g}): "
+                    "the values single out the worst clusters, and what the selection leaves out is not random")
+        else:
+            head = (f"the values are NOISE (split-half rank correlation {split:.2f} < {threshold:g}): two independent "
+                    "halves of the permutations rank the clusters differently, so this selection is no better than "
+                    "random sampling")
         if factor <= MAX_USEFUL_FACTOR:
             sugg_it = int(math.ceil(iterations * factor))
             sugg_it += sugg_it % 2 if shapley.antithetic else 0
@@ -145,14 +188,17 @@ def assess(shapley: ShapleyResult, *, threshold: float = 0.5, noise_values: Sequ
             verdict = (f"{head}. About --iterations {sugg_it} (~{sugg_ev} v(S) evaluations{cost}) should bring the "
                        f"split-half correlation to {target:g}.")
         else:
-            ratio = "" if noise_sd is None or spread == 0 else f" (one v(S) varies by {noise_sd / spread:.1f}x the spread)"
+            ratio = ("" if noise_sd is None or spread == 0
+                     else f" (one v(S) varies by {noise_sd / spread:.1f}x the spread)")
             verdict = (f"{head}. More iterations alone would take over {MAX_USEFUL_FACTOR}x as many; reduce the noise "
                        f"of v(S){ratio}: more validation records (--val-fraction, max_val), more --steps, fewer and "
                        "larger clusters (--clusters), a larger --group-size.")
     return Reliability(split_half=split, full=full, threshold=threshold, reliable=bool(reliable),
                        units=shapley.n_units, iterations=iterations, mean_stderr=float(np.mean(stderr)),
-                       value_spread=spread, noise_sd=noise_sd, noise_values=noise,
+                       value_spread=spread, noise_sd=noise_sd, noise_values=noise, marginal_noise_sd=marginal_sd,
+                       bottom_overlap=None if low is None else low[0], bottom_size=None if low is None else low[1],
+                       bottom_p=None if low is None else low[2],
                        evaluations=shapley.evaluations if evaluations is None else evaluations,
                        cache_hits=shapley.cache_hits if cache_hits is None else cache_hits,
                        seconds_per_evaluation=seconds_per_evaluation, suggested_iterations=sugg_it,
-                       suggested_evaluations=sugg_ev, suggested_seconds=sugg_s, verdict=verdict)
+                       suggested_evaluations=sugg_ev, suggested_seconds=sugg_s, verdict=verdict, _n=len(values))

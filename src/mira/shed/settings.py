@@ -75,7 +75,7 @@ class ShedSettings(BaseModel):
     max_val: int = Field(200, gt=0)
     steps: int = Field(10, gt=0)
     epochs: Optional[Any] = None  # removed (see OLD_EPOCHS); kept only to refuse it clearly
-    background: int = Field(0, ge=0)  # non-proxy records every v(S) also trains on (see mira.shed.value)
+    background: int = Field(24, ge=0)  # non-proxy records every v(S) also trains on (see mira.shed.value)
     warm_start_steps: int = Field(0, ge=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # of the v(S) fine-tunes (SGD: marginals far less chaotic)
     lr: Optional[float] = Field(None, gt=0)  # default: DEFAULT_LR[optimizer]

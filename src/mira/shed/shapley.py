@@ -154,7 +154,8 @@ class ShapleyResult:
         return means.std(axis=0, ddof=1) / np.sqrt(len(u))
 
 
-def group_orders(n_players: int, group_size: int, iterations: int, seed: int, antithetic: bool) -> list[list[np.ndarray]]:
+def group_orders(n_players: int, group_size: int, iterations: int, seed: int,
+                 antithetic: bool) -> list[list[np.ndarray]]:
     """Per round, the groups in the order they are added (seeded; antithetic rounds reverse their partner's order)."""
     out = []
     for it in range(iterations):
@@ -218,6 +219,7 @@ def monte_carlo_shapley(n_players: int, value: ValueFn, *, iterations: int = 10,
                     "new_evaluations": v.evaluations - evals_before})
     values = estimate_values(credits, positions, center)
     return ShapleyResult(values=values, credits=credits, positions=positions, units=units, v_empty=v_empty,
-                         v_full=v_full, evaluations=v.evaluations, cache_hits=v.hits - hits_before, truncated_groups=truncated,
+                         v_full=v_full, evaluations=v.evaluations, cache_hits=v.hits - hits_before,
+                         truncated_groups=truncated,
                          total_groups=total, seconds=time.perf_counter() - t0, centered=center,
                          antithetic=antithetic, tolerance=tolerance, iteration_log=log)

@@ -166,7 +166,10 @@ class LoraValue:
             return []
         keys = self.keys(seed)[:, players]
         b = min(self.s.batch_size, len(players))
-        chosen = np.argpartition(keys, b - 1, axis=1)[:, :b] if b < len(players) else np.tile(np.arange(b), (len(keys), 1))
+        if b < len(players):
+            chosen = np.argpartition(keys, b - 1, axis=1)[:, :b]
+        else:
+            chosen = np.tile(np.arange(b), (len(keys), 1))
         return [sorted(self.row_of[int(p)] for p in players[row]) for row in chosen]
 
     def train(self, batches: list[list[int]], seed: int) -> None:
@@ -176,7 +179,10 @@ class LoraValue:
         for p in params:
             p.requires_grad_(True)
         lr = self.s.value_lr
-        opt = torch.optim.SGD(params, lr=lr) if self.s.optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if self.s.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr)
+        else:
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         device = next(model.parameters()).device
         model.train()
         torch.manual_seed(seed)  # dropout masks

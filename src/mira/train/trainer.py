@@ -42,6 +42,7 @@ class TrainSettings:
     # sample-level DP-SGD (``mira.privacy.dp_sgd``): Poisson batches, per-example clipping and noise
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
+    dp_secure_noise: bool = False
 
     def num_steps(self, n_examples: int) -> int:
         if self.epochs is not None:
@@ -141,7 +142,7 @@ class LocalTrainer:
                 raise MiraError("DP-SGD with FedProx's proximal term is not supported", where="privacy.sample")
             return dp_train(self, ds, seed, keys=keys, params=params, steps=steps, noise_multiplier=s.dp_noise_multiplier,
                             max_grad_norm=s.dp_max_grad_norm, batch_size=s.batch_size, lr=s.lr,
-                            weight_decay=s.weight_decay)
+                            weight_decay=s.weight_decay, secure=s.dp_secure_noise)
         anchor_t = [anchor[k].to(self.device) for k in keys] if prox_mu > 0 and anchor is not None else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         batches = [collate(ds, idx, self.pad_id, self.device) for idx in batch_indices(len(ds), s.batch_size, steps, seed)]

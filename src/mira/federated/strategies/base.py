@@ -71,6 +71,8 @@ class Strategy:
     pooled: ClassVar[bool] = False  # True: one adapter on the pooled data (centralized)
     # False: the rounds or steps depend on federation.rounds (ctx.rounds), so a resume may not change it
     rounds_extendable: ClassVar[bool] = True
+    # True: every sampled client trains R local steps in every round (DP-SGD's calibration assumes it)
+    uniform_steps: ClassVar[bool] = True
     heterogeneous_ranks: ClassVar[bool] = False  # True: accepts per-client LoRA ranks (``lora.ranks``)
     # True: the server step uses the uploads only through their mean, so central client-level DP
     # (``mira.privacy.dp_fedavg``) can hand it one private mean instead

@@ -35,6 +35,7 @@ class FedITFTParams(FedITParams):
 class FedITFT(FedIT):
     name = "fedit_ft"
     rounds_extendable = False  # its fine-tuning round comes after federation.rounds
+    uniform_steps = False  # its last round fine-tunes finetune_steps
     dp_central = False  # its last round keeps each client's own fine-tuned adapter
     Params = FedITFTParams
     personalized = True

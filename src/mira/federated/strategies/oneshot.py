@@ -33,6 +33,7 @@ class OneShotParams(BaseModel):
 class OneShot(FedIT):
     name = "oneshot"
     rounds_extendable = False  # its local steps are scaled by federation.rounds
+    uniform_steps = False  # one round of T x R steps
     dp_central = False  # its merge weighs individual uploads
     Params = OneShotParams
 
