@@ -157,7 +157,7 @@ def running_server(model_dir: Path, log: Path, *args: str) -> Iterator[Server]:
 def server(zoo, tmp_path_factory) -> Iterator[Server]:
     """One server for the target, shared by the tests that do not break it."""
     with running_server(zoo.target, tmp_path_factory.mktemp("logs") / "server.log", "--max-draft", "32",
-                        "--max-batch", "4") as s:
+                        "--max-batch", "4", "--body-timeout", "0.5") as s:
         yield s
 
 

@@ -24,7 +24,7 @@ def _threads() -> None:
 
 def _api_key(env: str) -> str:
     key = os.environ.get(env, "")
-    if not key:
+    if not key.strip():
         raise MiraError(f"set the server's API key in the environment variable {env}", where="--api-key-env")
     return key
 
@@ -38,11 +38,16 @@ def serve_cmd(model_dir: str = typer.Argument(..., help="Hugging Face model fold
               max_batch: int = typer.Option(16, "--max-batch", help="most prefixes per /v1/logits request"),
               max_draft: int = typer.Option(64, "--max-draft", help="largest n of a /v1/draft request"),
               max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes"),
+              max_depth: int = typer.Option(8, "--max-depth", help="deepest JSON nesting accepted"),
+              max_concurrent: int = typer.Option(4, "--max-concurrent",
+                                                 help="requests in flight per API key (more get 429)"),
+              body_timeout: float = typer.Option(2.0, "--body-timeout", help="seconds to receive a request body"),
               dtype: str = typer.Option("float32", "--dtype")):
     """Serve a causal LM as a black box: next-token scores and drafts over HTTP, never weights."""
     from mira.prada.server import ServerLimits, serve
 
-    limits = ServerLimits(max_batch=max_batch, max_draft=max_draft, max_body_bytes=max_body_bytes)
+    limits = ServerLimits(max_batch=max_batch, max_draft=max_draft, max_body_bytes=max_body_bytes,
+                          max_depth=max_depth, max_concurrent=max_concurrent, body_timeout=body_timeout)
     serve(model_dir, host=host, port=port, key_env=api_key_env, limits=limits, dtype=dtype,
           log=lambda m: console.print(m, highlight=False))
 
@@ -132,6 +137,7 @@ def _metrics_table(m: dict) -> Table:
             ("seconds (waiting for server)", f"{m['seconds']:.2f} ({m['server_seconds']:.2f})")]
     if m["acceptance_rate"] is not None:
         rows.append(("acceptance rate", f"{m['acceptance_rate']:.2f} ({m['accepted']}/{m['drafted']})"))
+        rows.append(("near-ties re-asked (canonical)", f"{m.get('fallbacks', 0)}"))
     for r in rows:
         t.add_row(*r)
     return t
@@ -153,6 +159,8 @@ def generate_cmd(server: str = typer.Option(..., "--server", help="URL of `mira 
                  draft_initial: int = typer.Option(4, "--draft-initial"),
                  draft_min: int = typer.Option(1, "--draft-min"),
                  draft_max: int = typer.Option(16, "--draft-max"),
+                 exact_margin: float = typer.Option(1e-3, "--exact-margin",
+                                                    help="speculative: re-ask positions decided closer than this"),
                  timeout: float = typer.Option(30.0, "--timeout", help="seconds per request"),
                  encoding: str = typer.Option("base64", "--encoding", help="base64 or list"),
                  api_key_env: str = typer.Option("MIRA_API_KEY", "--api-key-env"),
@@ -172,7 +180,8 @@ def generate_cmd(server: str = typer.Option(..., "--server", help="URL of `mira 
     if encoding not in ("base64", "list"):
         raise MiraError(f"encoding must be base64 or list, got {encoding!r}", where="--encoding")
     settings = DecodeSettings(max_new_tokens=max_new_tokens, alpha=alpha, top_k=top_k, temperature=temperature,
-                              seed=seed, draft=DraftSchedule(draft_initial, draft_min, draft_max))
+                              seed=seed, draft=DraftSchedule(draft_initial, draft_min, draft_max),
+                              exact_margin=exact_margin)
     key = _api_key(api_key_env)
     pair, tokenizer = ProxyPair.load(proxy, adapter)
     with BlackBoxClient(server, key, timeout=timeout, encoding=encoding) as client:  # type: ignore[arg-type]

@@ -10,18 +10,26 @@
   (``DraftSchedule`` bounds it).
 
 Both decoders choose exactly one token per generated position, from the same scores, with
-the same ``TokenChooser``: greedy, or sampling that draws one random number per position
-from a seeded generator. So the two give the same tokens, greedy or sampled, whenever the
-server's logits for a position are the same in both calls. (The server computes draft
-positions with a KV cache and per-token logits with a full forward; in float32 the two
-differ by about 1e-5, which can only matter where the two best corrected scores tie to
-that precision.)
+the same ``TokenChooser``: greedy, or sampling by inverse CDF from one seeded uniform number
+per position. The server computes draft rows with a KV cache and per-token rows with one
+full forward of the prefix (the *canonical* computation); in float32 the two differ by up to
+a few 1e-5 (``benchmarks/prada_exactness.py``). So the speculative decoder checks every
+draft position after the first (the first row of a draft *is* the canonical forward): when
+the decision is closer than ``DecodeSettings.exact_margin`` to flipping (greedy: the two best
+corrected scores are within the margin; sampling: the uniform number lies within the
+corresponding probability distance of a CDF boundary; top-k: also the gap between the k-th
+and the (k+1)-th log-probability, which the speculative decoder asks for), it re-asks that
+position with ``/v1/logits`` and decides from the canonical row with the same uniform
+number. If the two paths differ by less than ``exact_margin / 2`` per score, the speculative
+tokens are then exactly the per-token tokens. ``GenerationMetrics.fallbacks`` counts the
+re-asked positions.
 
 Any ``PradaError`` raised during a generation (timeout, dead server, context full, rejected
 request) is re-raised carrying the text and token ids generated so far and the metrics.
 """
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -57,6 +65,9 @@ class DraftSchedule:
         return n
 
 
+DEFAULT_EXACT_MARGIN = 1e-3  # > 2 x 5.6e-5, the largest cached-vs-full gap measured (docs/prada.md)
+
+
 @dataclass
 class DecodeSettings:
     max_new_tokens: int = 64
@@ -65,8 +76,12 @@ class DecodeSettings:
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     draft: DraftSchedule = field(default_factory=DraftSchedule)
+    exact_margin: float = DEFAULT_EXACT_MARGIN  # speculative: re-ask positions decided closer than this
 
     def __post_init__(self) -> None:
+        if not (self.exact_margin >= 0 and math.isfinite(self.exact_margin)):
+            raise PradaError(f"exact_margin must be a finite number >= 0, got {self.exact_margin}",
+                             where="--exact-margin")
         if self.max_new_tokens < 1:
             raise PradaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}", where="--max-new-tokens")
         if self.temperature < 0:
@@ -88,6 +103,7 @@ class GenerationMetrics:
     drafted: int = 0  # draft tokens received (speculative)
     accepted: int = 0  # draft tokens kept
     acceptance_rate: float | None = None
+    fallbacks: int = 0  # speculative positions decided from a canonical /v1/logits row (near-ties)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,17 +123,44 @@ class Generation:
 
 
 class TokenChooser:
-    """Greedy argmax, or one seeded sample per call from ``softmax(scores / temperature)``."""
+    """Greedy argmax, or inverse-CDF sampling from ``softmax(scores / temperature)`` with one
+    seeded uniform number per position (``draw``), so that a position can be decided twice
+    (from a draft row, then from the canonical row) with the same random number."""
 
     def __init__(self, temperature: float, seed: int):
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, scores: torch.Tensor) -> int:
+    def draw(self) -> float | None:
+        """The position's random number (None when greedy)."""
         if self.temperature == 0:
-            return int(scores.argmax())
-        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            return None
+        return float(torch.rand((), dtype=torch.float64, generator=self.generator))
+
+    def pick(self, scores: torch.Tensor, u: float | None, margin: float = 0.0) -> tuple[int, bool]:
+        """``(index, safe)``: the choice, and whether it holds for every score vector within
+        ``margin / 2`` of ``scores`` in each entry (the same ``u``)."""
+        scores = scores.double()
+        if u is None:
+            best = int(scores.argmax())
+            if scores.numel() < 2:
+                return best, True
+            rest = scores.clone()
+            rest[best] = -math.inf
+            return best, bool(scores[best] - rest.max() > margin)
+        cdf = torch.cumsum(torch.softmax(scores / self.temperature, dim=-1), 0)
+        total = float(cdf[-1])
+        x = u * total
+        index = min(int(torch.searchsorted(cdf, torch.tensor([x], dtype=torch.float64), right=True)),
+                    scores.numel() - 1)
+        # each score moves by < margin/2, so each CDF value by < expm1(margin / T) (relative to the total)
+        slack = math.expm1(margin / self.temperature) + 1e-12
+        lower = float(cdf[index - 1]) / total if index > 0 else -math.inf
+        upper = float(cdf[index]) / total if index < scores.numel() - 1 else math.inf
+        return index, bool(u - lower > slack and upper - u > slack)
+
+    def __call__(self, scores: torch.Tensor) -> int:
+        return self.pick(scores, self.draw())[0]
 
 
 OnToken = Callable[[int, "Run"], None]
@@ -138,6 +181,7 @@ class Run:
         self.finish_reason = "length"
         self.drafted = 0
         self.accepted = 0
+        self.fallbacks = 0
 
     @property
     def generated(self) -> list[int]:
@@ -151,20 +195,40 @@ class Run:
     def done(self) -> bool:
         return self.finish_reason == "eos" or self.remaining <= 0
 
-    def choose(self, scores: ScoreMatrix, row: int) -> int:
-        """The device's token for the next position, from the server's row ``row``."""
+    def choose(self, scores: ScoreMatrix, row: int, canonical: Callable[[], ScoreMatrix] | None = None) -> int:
+        """The device's token for the next position, from the server's row ``row``. With
+        ``canonical`` (a speculative draft row), a decision within ``exact_margin`` of flipping
+        is taken again from ``canonical()[0]``, the per-token computation, with the same random number."""
         offset = self.proxy.offset(self.ids)
+        u = self.chooser.draw()
+        margin = self.settings.exact_margin if canonical is not None else 0.0
+        token, safe = self._pick(scores, row, offset, u, margin)
+        if not safe and canonical is not None:
+            self.fallbacks += 1
+            token, _ = self._pick(canonical(), 0, offset, u, 0.0)
+        return token
+
+    def _pick(self, scores: ScoreMatrix, row: int, offset: torch.Tensor, u: float | None,
+              margin: float) -> tuple[int, bool]:
         values = scores.values[row]
         if scores.ids is None:
             if values.numel() != offset.numel():
                 raise ServerFailure(f"the server sent {values.numel()} logits; the proxy's vocabulary has "
                                     f"{offset.numel()}", where="server")
-            return self.chooser(add_offset(values, offset, self.settings.alpha))
+            return self.chooser.pick(add_offset(values, offset, self.settings.alpha), u, margin)
         ids = scores.ids[row]
         if int(ids.max()) >= offset.numel() or int(ids.min()) < 0:
             raise ServerFailure(f"the server sent token id {int(ids.max())}, outside the proxy's vocabulary",
                                 where="server")
-        return int(ids[self.chooser(combine_on_support(values, ids, offset, self.settings.alpha))])
+        k = self.settings.top_k or ids.numel()
+        safe_support = True
+        if ids.numel() > k:  # the (k+1)-th entry is only a witness of the support's boundary
+            safe_support = bool(values[k - 1] - values[k] > margin)
+            values, ids = values[:k], ids[:k]
+        order = torch.argsort(ids)  # by token id: the same CDF order whatever the ranking's near-ties
+        values, ids = values[order], ids[order]
+        index, safe = self.chooser.pick(combine_on_support(values, ids, offset, self.settings.alpha), u, margin)
+        return int(ids[index]), safe and safe_support
 
     def emit(self, token: int) -> None:
         self.ids.append(token)
@@ -223,7 +287,7 @@ class Decoder(ABC):
             mode=self.name, new_tokens=n, round_trips=traffic.round_trips, bytes_sent=traffic.bytes_sent,
             bytes_received=traffic.bytes_received, seconds=seconds, server_seconds=traffic.seconds,
             tokens_per_second=n / seconds if seconds > 0 else 0.0, drafted=run.drafted, accepted=run.accepted,
-            acceptance_rate=(run.accepted / run.drafted) if run.drafted else None)
+            acceptance_rate=(run.accepted / run.drafted) if run.drafted else None, fallbacks=run.fallbacks)
 
 
 @register_decoder
@@ -247,11 +311,19 @@ class SpeculativeDecoder(Decoder):
     def decode(self, run: Run) -> None:
         schedule = run.settings.draft
         n = schedule.initial
+        top_k = run.settings.top_k
+        # top-k: one entry more than the support, to see how close the support's boundary is
+        ask_k = None if top_k is None else (top_k + 1 if top_k < self.proxy.vocab_size else top_k)
+
+        def canonical() -> ScoreMatrix:  # the per-token computation of this position
+            return self.client.logits([run.ids], top_k=ask_k)
+
         while not run.done:
-            draft = self.client.draft(run.ids, min(n, run.remaining), top_k=run.settings.top_k)
+            draft = self.client.draft(run.ids, min(n, run.remaining), top_k=ask_k)
             accepted = 0
             for i, proposed in enumerate(draft.tokens):
-                token = run.choose(draft.scores, i)
+                # row 0 comes from the server's full forward of the prefix: canonical already
+                token = run.choose(draft.scores, i, canonical if i > 0 and run.settings.exact_margin > 0 else None)
                 run.emit(token)
                 if token != proposed:
                     break

@@ -21,7 +21,9 @@ FastAPI runs the handlers in a thread pool, so a lock serialises every model cal
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -49,11 +51,131 @@ class ServerLimits:
     max_batch: int = 16
     max_draft: int = 64
     max_body_bytes: int = 1 << 20
+    max_depth: int = 8  # JSON nesting (requests need 3)
+    max_concurrent: int = 4  # requests in flight per API key; more get 429
+    body_timeout: float = 2.0  # seconds to receive a whole body; slower gets 408
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_draft", "max_body_bytes"):
+        for name in ("max_batch", "max_draft", "max_body_bytes", "max_depth", "max_concurrent"):
             if getattr(self, name) < 1:
                 raise MiraError(f"{name} must be at least 1, got {getattr(self, name)}", where=f"--{name.replace('_', '-')}")
+        if not self.body_timeout > 0:
+            raise MiraError(f"body_timeout must be positive, got {self.body_timeout}", where="--body-timeout")
+
+
+def check_api_key(key: str, where: str = "api key") -> str:
+    """The key, or a ``MiraError`` when it is empty or only whitespace."""
+    if not key or not key.strip():
+        raise MiraError("the API key is empty or only whitespace", where=where)
+    return key
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Whether ``body`` nests arrays/objects deeper than ``limit`` (a scan, no parsing; strings skipped)."""
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+class Guard:
+    """ASGI middleware run before FastAPI sees a POST: auth first (no body byte is read
+    without a valid key), then Content-Length, a per-key concurrency limit, the body read
+    under a deadline, and a nesting bound. Every refusal is ``{"detail": {"code", "message"}}``."""
+
+    def __init__(self, app, api_key: str, limits: ServerLimits):
+        self.app = app
+        self.key = api_key.encode()
+        self.limits = limits
+        self.in_flight: dict[bytes, int] = {}
+
+    @staticmethod
+    async def _send_error(send, status: int, code: str, message: str, close: bool = False) -> None:
+        body = json.dumps({"detail": {"code": code, "message": message}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        if status == 429:
+            headers.append((b"retry-after", b"1"))
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+            return await self._send_error(send, 401, "unauthorized", "missing or wrong API key")
+        length = headers.get(b"content-length")
+        if length is None:
+            return await self._send_error(send, 411, "length_required", "send a Content-Length header")
+        if not length.isdigit() or int(length) > self.limits.max_body_bytes:
+            return await self._send_error(send, 413, "body_too_large",
+                                          f"request body over {self.limits.max_body_bytes} bytes")
+        key = self.key  # one key today; the counter is per key
+        if self.in_flight.get(key, 0) >= self.limits.max_concurrent:
+            return await self._send_error(send, 429, "too_many_requests",
+                                          f"more than {self.limits.max_concurrent} requests in flight for this key")
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            try:
+                body = await asyncio.wait_for(self._read(receive, int(length)), self.limits.body_timeout)
+            except asyncio.TimeoutError:
+                return await self._send_error(send, 408, "body_timeout",
+                                              f"the body did not arrive within {self.limits.body_timeout:g}s",
+                                              close=True)
+            if body is None:
+                return await self._send_error(send, 400, "bad_length", "the body does not match its Content-Length",
+                                              close=True)
+            if json_depth_exceeds(body, self.limits.max_depth):
+                return await self._send_error(send, 422, "too_deep",
+                                              f"JSON nested deeper than {self.limits.max_depth} levels")
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
+        finally:
+            self.in_flight[key] -= 1
+
+    @staticmethod
+    async def _read(receive, length: int) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > length:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks) if size == length else None
 
 
 class RequestError(Exception):
@@ -118,11 +240,14 @@ class BlackBoxModel:
             mask[row, : len(p)] = 1
         with self.lock:
             if len(prefixes) == 1:
-                logits = self.model(input_ids=ids.to(self.device)).logits
-            else:
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                return self._full_forward(prefixes[0]).logits[0, -1].float().cpu()[None]
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         last = torch.tensor(lengths) - 1
         return logits[torch.arange(len(prefixes)), last.to(logits.device)].float().cpu()
+
+    def _full_forward(self, prefix: list[int]):
+        """The canonical computation: one forward of the whole prefix (with a cache for a draft to go on)."""
+        return self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
 
     @torch.no_grad()
     def draft(self, prefix: list[int], n: int) -> tuple[list[int], torch.Tensor, str]:
@@ -131,7 +256,7 @@ class BlackBoxModel:
         rows: list[torch.Tensor] = []
         stop = "length"
         with self.lock:
-            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+            out = self._full_forward(prefix)  # row 0 is bit-identical to /v1/logits of this prefix
             while True:
                 row = out.logits[0, -1].float().cpu()
                 token = int(row.argmax())
@@ -158,8 +283,7 @@ def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 def create_app(model, api_key: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The FastAPI app serving ``model`` (already loaded, frozen, in eval mode)."""
-    if not api_key:
-        raise MiraError("the API key is empty", where="api key")
+    check_api_key(api_key)
     box = BlackBoxModel(model, limits)
     app = FastAPI(title="mira black-box LLM", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.box = box
@@ -167,16 +291,6 @@ def create_app(model, api_key: str, limits: ServerLimits = ServerLimits()) -> Fa
     def error(status: int, code: str, message: str) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"detail": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-    @app.middleware("http")
-    async def bounded_body(request: Request, call_next):
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return error(411, "length_required", "send a Content-Length header")
-            if not length.isdigit() or int(length) > limits.max_body_bytes:
-                return error(413, "body_too_large", f"request body over {limits.max_body_bytes} bytes")
-        return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError):
@@ -188,7 +302,7 @@ def create_app(model, api_key: str, limits: ServerLimits = ServerLimits()) -> Fa
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return error(422, "invalid_request", f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")))
 
-    def authorized(request: Request) -> None:
+    def authorized(request: Request) -> None:  # the Guard checked it already; kept as a second lock
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
@@ -223,6 +337,7 @@ def create_app(model, api_key: str, limits: ServerLimits = ServerLimits()) -> Fa
             values, ids = top_k_logprobs(values, req.top_k)
         return DraftResponse(tokens=tokens, stop=stop, scores=encode_scores(values, ids, req.encoding))
 
+    app.add_middleware(Guard, api_key=api_key, limits=limits)
     return app
 
 
@@ -234,9 +349,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, key_env: st
     from mira.models.loader import load_base
 
     api_key = os.environ.get(key_env, "")
-    if not api_key:
+    if not api_key.strip():
         raise MiraError(f"set the API key in the environment variable {key_env} (clients send it as "
-                        f"'Authorization: Bearer <key>')", where="--api-key-env")
+                        f"'Authorization: Bearer <key>'); it is {'only whitespace' if api_key else 'empty'}",
+                        where="--api-key-env")
     if not 0 < port < 65536:
         raise MiraError(f"port must be in 1..65535, got {port}", where="--port")
     from mira.models.loader import DTYPES
