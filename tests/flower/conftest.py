@@ -94,7 +94,13 @@ def run_and_wait(fed, raw: dict, out: Path, timeout: float = 600, **settings) ->
     from mira.federated.flower import bundle
     from mira.federated.flower.settings import RunSettings
 
+    from mira.errors import MiraError
+
     run_id = fed.submit(bundle.config_text(raw), RunSettings(out_dir=str(out), **settings))
-    info = fed.wait(run_id, timeout=timeout)
+    try:
+        info = fed.wait(run_id, timeout=timeout)
+    except MiraError as e:  # a run that hangs: say where (the ServerApp's log and every process's tail)
+        tails = {name: proc.text()[-1500:] for name, proc in fed.procs.items()}
+        pytest.fail(f"{e}\nserverapp log:\n{fed.logs(run_id)[-4000:]}\nprocess logs: {tails}")
     assert info["status"] == "finished:completed", (info, fed.logs(run_id)[-4000:])
     return info
