@@ -72,7 +72,8 @@ def corrupt(records: list, fraction: float, mode: str, seed: int, reservoir: Seq
     elif mode == "chars":
         alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789      .,")
         for i in idx:
-            out[i] = dataclasses.replace(records[i], output="".join(rng.choice(alphabet, size=max(8, len(records[i].output)))))
+            text = "".join(rng.choice(alphabet, size=max(8, len(records[i].output))))
+            out[i] = dataclasses.replace(records[i], output=text)
     elif mode == "boiler":
         canned = ["I'm sorry, but I cannot help with that request.", "N/A", "As an AI language model, I do not "
                   "have an opinion on this.", "Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
@@ -163,5 +164,7 @@ def shed_row(res) -> dict:
             "total_groups": sh.total_groups, "tolerance": sh.tolerance, "split_half": rel.split_half,
             "split_half_full": rel.full, "reliable": rel.reliable, "mean_stderr": rel.mean_stderr,
             "value_spread": rel.value_spread, "noise_sd": rel.noise_sd, "noise_values": rel.noise_values,
+            "marginal_noise_sd": rel.marginal_noise_sd, "bottom_overlap": rel.bottom_overlap,
+            "bottom_size": rel.bottom_size, "bottom_p": rel.bottom_p,
             "seconds_per_evaluation": rel.seconds_per_evaluation, "wall_s": res.timings["total_s"],
             "verdict": rel.verdict}

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--group-size", type=int, default=None, help="default: clusters/10")
     p.add_argument("--steps", type=int, default=10, help="LoRA steps per v(S)")
-    p.add_argument("--background", type=int, default=0, help="non-proxy records every v(S) also trains on")
+    p.add_argument("--background", type=int, default=24, help="non-proxy records every v(S) also trains on")
     p.add_argument("--beta", type=float, default=1.0, help="QWCS beta on standardised values")
     p.add_argument("--train-steps", type=int, default=60, help="steps of every fine-tune condition")
     p.add_argument("--batch-size", type=int, default=8)
@@ -79,8 +79,9 @@ def zoo_model(name: str, args) -> tuple[str, dict]:
 
     assets = Path(args.assets)
     cache = Path(args.cache) if args.cache else cache_dir() / "zoo"
-    out = ensure_zoo_model(name, assets / "models" / "stories260K", assets / "data" / "tinystories" / "tinystories_val.txt",
-                           cache, steps=ZOO_PRETRAIN_STEPS[name], seq_len=128, batch_size=8, lr=3e-3, max_seconds=240.0,
+    corpus = assets / "data" / "tinystories" / "tinystories_val.txt"
+    out = ensure_zoo_model(name, assets / "models" / "stories260K", corpus, cache, steps=ZOO_PRETRAIN_STEPS[name],
+                           seq_len=128, batch_size=8, lr=3e-3, max_seconds=240.0,
                            log=lambda m: print("   ", m, flush=True))
     return str(out), json.loads((out / "zoo.json").read_text())
 
@@ -100,7 +101,8 @@ def main(argv=None) -> dict:
     dolly = C.load_dolly(args.assets, args.dolly)
     seeds = [int(s) for s in args.seeds.split(",")]
     transfer = None if args.transfer == "none" else zoo_model(args.transfer, args)
-    base = ShedSettings(model=model, embedder=args.embedder, embed_fields=args.embed_fields, embed_max_length=args.embed_max_length,
+    base = ShedSettings(model=model, embedder=args.embedder, embed_fields=args.embed_fields,
+                        embed_max_length=args.embed_max_length,
                         budget_fraction=args.budget, clusters=args.clusters, iterations=args.iterations,
                         group_size=args.group_size, steps=args.steps, background=args.background, lr=args.value_lr,
                         batch_size=args.batch_size, max_length=args.max_length, template=args.template,
@@ -123,7 +125,8 @@ def main(argv=None) -> dict:
                                           beta=args.beta))}
         row = {"seed": seed, "embed_s": embed_s, **C.shed_row(res), "budget_count": k,
                "overlap_with_random": {n: len(set(sel[n]) & set(sel["random"])) for n in ("shed_qocs", "shed_qwcs")}}
-        print(f"seed {seed}: {row['evaluations']} v(S), {row['cache_hits']} cache hits, split-half r {row['split_half']}, "
+        print(f"seed {seed}: {row['evaluations']} v(S), {row['cache_hits']} cache hits, "
+              f"split-half r {row['split_half']}, "
               f"noise sd {row['noise_sd']:.4f} vs spread {row['value_spread']:.4f}, {row['wall_s']:.0f}s", flush=True)
         for target, path in [("stories260K", model)] + ([(args.transfer, transfer[0])] if transfer else []):
             tuner = C.FineTuner(path, test, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,

@@ -18,7 +18,7 @@ records corrupted, and everything in SHED):
   and SHED-QWCS ``--budget`` of the pool, a random sample of the same size, all of the pool,
   and the clean records only (an oracle); test loss on the clean test records.
 
-    MIRA_THREADS=1 python benchmarks/shed_planted_noise.py --assets ${MIRA_ASSETS}
+    MIRA_THREADS=1 python benchmarks/shed_planted_noise.py --assets ${MIRA_ASSETS}   # 16 permutations
 
 Writes ``benchmarks/results/shed_planted_noise.json`` (``--out``) and prints Markdown tables.
 """
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=float, default=0.2, help="fraction of the pool SHED and random keep")
     p.add_argument("--clusters", type=int, default=24)
-    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=16)
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="LoRA steps per v(S)")
     p.add_argument("--background", type=int, default=24, help="non-proxy records every v(S) also trains on")
@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--template", default="compact")
     p.add_argument("--embedder", default="all-MiniLM-L6-v2")
     p.add_argument("--embed-fields", default="split", choices=["split", "example"])
+    p.add_argument("--tolerance", type=float, default=None, help="truncation tolerance (default: the measured noise)")
     p.add_argument("--no-center", action="store_true")
     p.add_argument("--no-antithetic", action="store_true")
     p.add_argument("--train-steps", type=int, default=60, help="steps of every fine-tune condition")
@@ -82,15 +83,18 @@ def main(argv=None) -> dict:
     model = args.model or os.path.join(args.assets, "models", "stories260K")
     dolly = C.load_dolly(args.assets, args.dolly)
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = ShedSettings(model=model, embedder=args.embedder, embed_fields=args.embed_fields, embed_max_length=128, clusters=args.clusters,
+    base = ShedSettings(model=model, embedder=args.embedder, embed_fields=args.embed_fields, embed_max_length=128,
+                        clusters=args.clusters,
                         iterations=args.iterations, group_size=args.group_size, steps=args.steps, lr=args.value_lr,
                         batch_size=args.batch_size, max_length=args.max_length, template=args.template,
-                        budget_fraction=args.budget, strategy="qocs", background=args.background, center=not args.no_center,
-                        antithetic=not args.no_antithetic)
+                        budget_fraction=args.budget, strategy="qocs", background=args.background,
+                        center=not args.no_center,
+                        antithetic=not args.no_antithetic, tolerance=args.tolerance)
     proxy = ProxyModel.load(base)
     runs = []
     for seed in seeds:
-        pool_i, val_i, test_i, res_i, _ = C.disjoint_parts(len(dolly), [args.n_pool, args.n_val, args.n_test, 1000], seed)
+        sizes = [args.n_pool, args.n_val, args.n_test, 1000]  # the last: responses for the word salad
+        pool_i, val_i, test_i, res_i, _ = C.disjoint_parts(len(dolly), sizes, seed)
         clean = [dolly[i] for i in pool_i]
         pool, bad = C.corrupt(clean, args.corrupt, args.mode, seed, [dolly[i].output for i in res_i])
         val, test = [dolly[i] for i in val_i], [dolly[i] for i in test_i]
@@ -109,7 +113,10 @@ def main(argv=None) -> dict:
                "auc_best_for_clustering": C.auc(clean_share[cl.labels], bad),
                "bad_proxies": int(bad[proxies].sum()),
                "pure_clusters": int(sum(bad[m].all() or (~bad[m]).all() for m in cl.members)),
-               "split_half_auc": None}
+               "split_half_auc": None,
+               "cluster_values": [{"value": float(res.values[c]), "stderr": float(res.shapley.stderr[c]),
+                                   "size": len(m), "bad_share": float(bad[m].mean()), "proxy_bad": bool(bad[m[0]])}
+                                  for c, m in enumerate(cl.members)]}
         halves = res.shapley.split_half()
         if halves is not None:
             row["split_half_auc"] = [C.auc(h[cl.labels], bad) for h in halves]
@@ -166,7 +173,8 @@ def print_tables(result: dict) -> None:
               f"| {r['wall_s']:.0f} |")
     print(f"| mean ± 95% CI | {C.fmt_ci(s['auc_records'], 3)} | {C.fmt_ci(s['auc_proxies'], 3)} "
           f"| {C.fmt_ci(s['auc_best_for_clustering'], 3)} | {C.fmt_ci(s['split_half'], 2)} | | | | | |")
-    print(f"\n| condition | records | corrupted share | test loss (mean ± 95% CI, {n} seeds) | minus random (paired) |")
+    print(f"\n| condition | records | corrupted share | test loss (mean ± 95% CI, {n} seeds) "
+          "| minus random (paired) |")
     print("|---|---:|---:|---:|---:|")
     for name in CONDITIONS:
         d = s["paired_vs_random"].get(name)

@@ -11,7 +11,8 @@ from mira.errors import MiraError
 OVERRIDES = [
     "data.tasks=[add, upper]", "data.max_per_task=24", "data.max_length=80", "partition.test_size=4",
     "federation.rounds=1", "federation.local_steps=2", "eval.every=1", "plots=false",
-    "refine.method=shed", "refine.budget_fraction=0.5", "refine.strategy=qocs", "refine.clusters=4", "refine.iterations=2",
+    "refine.method=shed", "refine.budget_fraction=0.5", "refine.strategy=qocs", "refine.clusters=4",
+    "refine.iterations=2",
     "refine.steps=2", "refine.embedder=hashing", "refine.max_val=4",
 ]
 

@@ -62,6 +62,12 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def fmt_r(r: float, threshold: float) -> str:
+    """Two decimals, or three where two would round across the threshold (0.498 is not "0.50 < 0.5")."""
+    two = f"{r:.2f}"
+    return two if (float(two) >= threshold) == (r >= threshold) else f"{r:.3f}"
+
+
 def spearman_brown(r: float, factor: float = 2.0) -> float:
     """Reliability of an estimate ``factor`` times as long as one of reliability ``r``."""
     if not math.isfinite(r) or r <= -1:
@@ -104,7 +110,7 @@ class Reliability:
     def lines(self) -> list[str]:
         """What the console prints."""
         out = []
-        r = "n/a" if self.split_half is None else f"{self.split_half:.2f}"
+        r = "n/a" if self.split_half is None else fmt_r(self.split_half, self.threshold)
         full = "" if self.full is None else f" (projected to all {self.iterations} iterations: {self.full:.2f})"
         out.append(f"split-half rank correlation of the cluster values: {r}{full}; threshold {self.threshold:g}")
         noise = ("not measured" if self.noise_sd is None
@@ -166,25 +172,27 @@ def assess(shapley: ShapleyResult, *, threshold: float = 0.5, noise_values: Sequ
                    "treat the selection as a random sample")
     elif reliable:
         verdict = (f"the values carry signal: the two halves of the permutations rank the clusters alike "
-                   f"(split-half {split:.2f} >= {threshold:g})")
+                   f"(split-half {fmt_r(split, threshold)} >= {threshold:g})")
     else:
         target = threshold if threshold > 0 else 0.5
         factor = (target * (1 - split)) / (split * (1 - target)) if split > 0 else math.inf
         if low is not None and low[2] < 0.05:
-            head = (f"the ranking is NOISE (split-half rank correlation {split:.2f} < {threshold:g}): the order of "
-                    "most clusters is not reproducible, so which of them the selection keeps is random; but the lowest "
+            head = (f"the ranking is NOISE (split-half rank correlation {fmt_r(split, threshold)} < {threshold:g}): "
+                    "the order of most clusters is not reproducible, so which of them the selection keeps is random; "
+                    "but the lowest "
                     f"quarter is consistent ({low[0]} of {low[1]} clusters the same in both halves, p = {low[2]:.2g}): "
                     "the values single out the worst clusters, and what the selection leaves out is not random")
         else:
-            head = (f"the values are NOISE (split-half rank correlation {split:.2f} < {threshold:g}): two independent "
-                    "halves of the permutations rank the clusters differently, so this selection is no better than "
-                    "random sampling")
+            head = (f"the values are NOISE (split-half rank correlation {fmt_r(split, threshold)} < {threshold:g}): "
+                    "two independent halves of the permutations rank the clusters differently, so this selection "
+                    "is no better than random sampling")
         if factor <= MAX_USEFUL_FACTOR:
             sugg_it = int(math.ceil(iterations * factor))
             sugg_it += sugg_it % 2 if shapley.antithetic else 0
             sugg_ev = int(math.ceil(sugg_it * per_iteration))
             sugg_s = sugg_ev * seconds_per_evaluation
-            cost = f", ~{sugg_s / 60:.0f} min" if seconds_per_evaluation else ""
+            cost = ("" if not seconds_per_evaluation else
+                    f", ~{sugg_s:.0f} s" if sugg_s < 90 else f", ~{sugg_s / 60:.0f} min")
             verdict = (f"{head}. About --iterations {sugg_it} (~{sugg_ev} v(S) evaluations{cost}) should bring the "
                        f"split-half correlation to {target:g}.")
         else:

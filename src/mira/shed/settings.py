@@ -1,7 +1,7 @@
 """SHED settings: one validated pydantic model shared by the CLI, the API and the ``refine:`` hook.
 
 Paper defaults (He et al., NeurIPS 2024) where they fit a CPU: k = 10 Monte-Carlo
-iterations, about one cluster per 33 records (3000 clusters for ~100k records). The paper
+iterations, about one cluster per 33 records (3000 clusters for ~100k records; at least 10). The paper
 removes 60 of 3000 proxies at a time (50 groups per permutation, ~500 v(S) in all); here the
 group size defaults to a tenth of the proxies (10 groups per permutation, ~100 v(S)), so a
 first run takes minutes whatever the data size. ``group_size`` sets it explicitly.
@@ -54,7 +54,7 @@ class ShedSettings(BaseModel):
     clusters: Optional[int] = Field(None, gt=0)
     embedder: str = "all-MiniLM-L6-v2"
     embed_fields: Literal["split", "example"] = "split"  # prompt and response embedded apart, or the whole example
-    embed_max_length: Optional[int] = Field(None, gt=0)
+    embed_max_length: Optional[int] = Field(128, gt=0)  # word pieces per text (MiniLM was trained on 128)
     embed_batch_size: int = Field(64, gt=0)
     # Monte-Carlo Shapley
     iterations: int = Field(10, gt=0)

@@ -21,7 +21,7 @@ SGD keeps it so: an update is proportional to the batch's gradient, so one recor
 the adapter a little, where AdamW's normalised first steps (about ``lr`` per weight whatever the
 gradient) turn a small change of batch into a large one (measured on Dolly with stories260K:
 the difference between adding a clean and a bad record was ~0.3 standard deviations of its
-noise with AdamW at 3e-3, ~1.2 with SGD at 0.1). v is
+noise with AdamW at 3e-3, ~1.3 with SGD at 0.1). v is
 a deterministic function of ``S`` (safe to cache); ``evaluate(S, seed)`` re-trains with
 other keys, to measure the noise of one v(S).
 
