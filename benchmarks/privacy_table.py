@@ -18,20 +18,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from mira.config import load_config, validate  # noqa: E402
-from mira.federated.compare import ci95  # noqa: E402
+from mira.federated.compare import ci95, config_for  # noqa: E402
 from mira.federated.engine import Engine, Workspace  # noqa: E402
 from mira.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -55,13 +53,8 @@ def runs(clip: float) -> list[tuple[str, str, float | None, dict]]:
 
 
 def config(base: dict, name: str, privacy: dict, seed: int):
-    raw = copy.deepcopy(base)
-    raw["algorithm"] = {"name": name}
-    raw["seed"] = seed
-    raw["data"]["seed"] = base["data"].get("seed", 0) + seed
-    if privacy:
-        raw["privacy"] = privacy
-    return validate(raw)
+    """``mira compare``'s config of (algorithm, seed): the seed also draws the data sample."""
+    return config_for(validate({**copy.deepcopy(base), "privacy": privacy}), name, {}, seed)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ fine-tunes scored on a test set, t-intervals over seeds, and the machine descrip
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import sys
@@ -16,7 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mira.federated.compare import ci95  # noqa: E402
 
 
 def setup_torch():
@@ -92,14 +94,14 @@ def corrupt(records: list, fraction: float, mode: str, seed: int, reservoir: Seq
 
 
 def auc(scores: Sequence[float], bad: Sequence[bool]) -> float:
-    """P(a clean record scores above a corrupted one), ties counted half (the Mann-Whitney AUC)."""
-    s, b = np.asarray(scores, dtype=np.float64), np.asarray(bad, dtype=bool)
-    clean, dirty = s[~b], s[b]
-    if not len(clean) or not len(dirty):
+    """P(a clean record scores above a corrupted one), ties counted half: scikit-learn's ROC AUC with the
+    clean records as positives (NaN unless both kinds are present)."""
+    from sklearn.metrics import roc_auc_score
+
+    b = np.asarray(bad, dtype=bool)
+    if b.all() or not b.any():
         return float("nan")
-    greater = (clean[:, None] > dirty[None, :]).mean()
-    ties = (clean[:, None] == dirty[None, :]).mean()
-    return float(greater + 0.5 * ties)
+    return float(roc_auc_score(~b, np.asarray(scores, dtype=np.float64)))
 
 
 def mean_ci(xs: Sequence[float]) -> dict:
@@ -107,7 +109,7 @@ def mean_ci(xs: Sequence[float]) -> dict:
     x = np.asarray(list(xs), dtype=np.float64)
     n = len(x)
     sd = float(x.std(ddof=1)) if n > 1 else 0.0
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
+    half = ci95(x) if n > 1 else float("nan")
     return {"mean": float(x.mean()), "sd": sd, "ci95": half, "n": n, "values": x.tolist()}
 
 

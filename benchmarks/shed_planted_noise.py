@@ -163,8 +163,8 @@ def main(argv=None) -> dict:
 def print_tables(result: dict) -> None:
     s, runs = result["summary"], result["runs"]
     n = len(runs)
-    print(f"\n| seed | AUC (records) | AUC (proxies) | best AUC for the clustering | split-half r | noise sd of v(S) "
-          f"| value spread | v(S) evaluations | cache hits | wall s |")
+    print("\n| seed | AUC (records) | AUC (proxies) | best AUC for the clustering | split-half r | noise sd of v(S) "
+          "| value spread | v(S) evaluations | cache hits | wall s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         sh = "n/a" if r["split_half"] is None else f"{r['split_half']:.2f}"

@@ -57,3 +57,23 @@ def write_yaml(path: Path, raw: dict) -> Path:
 
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def crash_then_resume(ws, cfg, out: Path, crash_at: int, monkeypatch):
+    """Run ``cfg`` into ``out``, interrupted (KeyboardInterrupt) when round ``crash_at`` starts, then
+    resume it in a fresh engine; returns ``(resumed engine, its summary)``."""
+    from mira.federated.engine import Engine
+
+    real = Engine.run_round
+
+    def crashing(self, rnd, progress):
+        if rnd == crash_at:
+            raise KeyboardInterrupt
+        return real(self, rnd, progress)
+
+    monkeypatch.setattr(Engine, "run_round", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        Engine(ws, cfg, out).run()
+    monkeypatch.setattr(Engine, "run_round", real)
+    resumed = Engine(ws, cfg, out)
+    return resumed, resumed.run(resume=True)

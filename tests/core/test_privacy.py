@@ -16,6 +16,7 @@ from mira.privacy import accountant as acc
 from mira.privacy.config import ClientDP
 from mira.privacy.dp_fedavg import DPFedAvg
 from mira.privacy.local_dp import LocalDP
+from tests.conftest import crash_then_resume
 
 KEYS = ["m.0.q.lora_A.weight", "m.0.q.lora_B.weight"]
 
@@ -258,19 +259,7 @@ def test_private_runs_report_epsilon_and_resume_exactly(ws, tiny_model_dir, tmp_
     cfg = _cfg(tiny_model_dir, name, fed, **privacy)
     full = Engine(ws, cfg, tmp_path / "full")
     summary = full.run()
-    real = Engine.run_round
-
-    def crashing(self, rnd, progress):
-        if rnd == 3:
-            raise KeyboardInterrupt
-        return real(self, rnd, progress)
-
-    monkeypatch.setattr(Engine, "run_round", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        Engine(ws, cfg, tmp_path / "resumed").run()
-    monkeypatch.setattr(Engine, "run_round", real)
-    resumed = Engine(ws, cfg, tmp_path / "resumed")
-    again = resumed.run(resume=True)
+    resumed, again = crash_then_resume(ws, cfg, tmp_path / "resumed", 3, monkeypatch)
     a, b = _adapters(full), _adapters(resumed)
     assert all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])
     level = "client" if "client" in privacy else "sample"

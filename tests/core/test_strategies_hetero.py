@@ -13,6 +13,7 @@ import torch
 from mira.errors import MiraError
 from mira.federated.strategies import FitRes, StrategyContext, get_strategy
 from mira.federated.strategies.ranks import client_ranks, pad, rank_of, truncate
+from tests.conftest import crash_then_resume
 
 MODS = [("base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q.lora_B.weight"),
         ("base_model.model.l.0.v.lora_A.weight", "base_model.model.l.0.v.lora_B.weight")]
@@ -335,19 +336,7 @@ def test_hetero_run_bytes_by_rank_and_exact_resume(base, name, opts, tmp_path, m
     if name == "mira":
         assert all(0 <= e["svd_error_mean"] < 1 for e in on_disk)
     # killed in its last round and resumed from the checkpoint: the same run
-    real = Engine.run_round
-
-    def crashing(self, rnd, progress):
-        if rnd == 2:
-            raise KeyboardInterrupt
-        return real(self, rnd, progress)
-
-    monkeypatch.setattr(Engine, "run_round", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        Engine(ws, cfg, tmp_path / "resumed").run()
-    monkeypatch.setattr(Engine, "run_round", real)
-    resumed = Engine(ws, cfg, tmp_path / "resumed")
-    resumed.run(resume=True)
+    resumed, _ = crash_then_resume(ws, cfg, tmp_path / "resumed", 2, monkeypatch)
     assert _same(_adapters(full), _adapters(resumed))
     assert full.rows == resumed.rows and _log(full) == _log(resumed)
 

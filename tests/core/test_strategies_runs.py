@@ -11,6 +11,7 @@ import torch
 from mira.config import validate
 from mira.federated.engine import Engine, Workspace
 from mira.federated.strategies import FitRes
+from tests.conftest import crash_then_resume
 
 NEW = [("fedavgm", {}), ("fedadam", {}), ("fedyogi", {}), ("fedadagrad", {}), ("fedit", {"aggregation": "exact"}),
        ("fedsa_lora", {}), ("fedit_ft", {})]
@@ -60,20 +61,8 @@ def test_runs_and_resumes_exactly(base, name, opts, tmp_path, monkeypatch):
     rounds = full.strategy.num_rounds(3)
     assert summary["rounds"] == rounds and len(full.rows) == rounds * 4
     assert all(r["local_loss"] == r["local_loss"] for r in full.rows)  # no NaN
-    crash_at = rounds  # fedit_ft: killed between the last FedIT round and the fine-tuning round
-    real = Engine.run_round
-
-    def crashing(self, rnd, progress):
-        if rnd == crash_at:
-            raise KeyboardInterrupt
-        return real(self, rnd, progress)
-
-    monkeypatch.setattr(Engine, "run_round", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        Engine(ws, cfg, tmp_path / "resumed").run()
-    monkeypatch.setattr(Engine, "run_round", real)
-    resumed = Engine(ws, cfg, tmp_path / "resumed")
-    resumed.run(resume=True)
+    # fedit_ft: killed between the last FedIT round and the fine-tuning round
+    resumed, _ = crash_then_resume(ws, cfg, tmp_path / "resumed", rounds, monkeypatch)
     assert _same(_adapters(full), _adapters(resumed))
     assert full.rows == resumed.rows and _log(full) == _log(resumed)
     on_disk = json.loads((tmp_path / "full" / "rounds.json").read_text())

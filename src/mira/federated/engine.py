@@ -287,13 +287,13 @@ class Engine:
         if done > rounds:
             raise MiraError(f"{self.out} has run {done} rounds; federation.rounds={self.cfg.federation.rounds} "
                             f"would undo some (set it to {done} or more)", where="--resume")
-        for field in accepted:
-            was, now = stored.get(field), self.fingerprint.get(field)
-            if field == "federation.rounds":
+        for name in accepted:
+            was, now = stored.get(name), self.fingerprint.get(name)
+            if name == "federation.rounds":
                 log.info("federation.rounds was %s, now %s: continuing from round %d to round %d", was, now, done, rounds)
             else:
-                log.warning("--resume: %s was %s, now %s: accepted (--allow-changed)", field, was, now)
-            self.changes.append({"round": done, "field": field, "was": was, "now": now})
+                log.warning("--resume: %s was %s, now %s: accepted (--allow-changed)", name, was, now)
+            self.changes.append({"round": done, "field": name, "was": was, "now": now})
         if accepted:
             self.write_identity()
         return accepted
@@ -353,6 +353,15 @@ class Engine:
                                 WireCodec(slot.initial_state, self.cfg.federation.wire_dtype))
         slot, trainer, codec = self._by_rank[r]
         return slot.activate(), trainer, codec
+
+    def private_results(self, rnd: int, results: dict[int, FitRes], keys: list[str]) -> tuple[dict, dict]:
+        """What the strategy aggregates, and what to log about it: ``results`` as they are, or, under a
+        client-level DP mechanism, what it releases (central DP: one private mean of the updates from the
+        global adapter). The engine's and the Flower ServerApp's one place for this."""
+        if self.privacy is None:
+            return results, {}
+        start = {k: v for k, v in self.strategy.configure_fit(0).adapter.items() if k in keys}
+        return self.privacy.server_aggregate(rnd, results, start, keys)
 
     def run_round(self, rnd: int, progress: NullProgress) -> dict:
         t0 = time.perf_counter()
@@ -419,10 +428,7 @@ class Engine:
                              "run stopped; " + self.kept(
                                  f"continue with a smaller learning rate: mira run --resume {self.out} "
                                  "--set federation.lr=... --allow-changed federation.lr"))
-        dp_info = {}
-        if self.privacy is not None:  # on the server, before the strategy (central DP: one private mean)
-            start = {k: v for k, v in self.strategy.configure_fit(0).adapter.items() if k in keys}
-            results, dp_info = self.privacy.server_aggregate(rnd, results, start, keys)
+        results, dp_info = self.private_results(rnd, results, keys)
         # a pooled update that was rejected leaves the strategy as it was (nothing to aggregate)
         info = self.strategy.aggregate_fit(rnd, results) if results or not self.strategy.pooled else {}
         info = {**info, **dp_info}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from mira.errors import MiraError
@@ -51,8 +50,9 @@ def secure_seed() -> int:
 
 
 def generator(*parts: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-    return torch.Generator().manual_seed(seed)
+    from mira.federated.engine import derive_seed  # the engine's one seed derivation
+
+    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 class ClientMechanism:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from mira.errors import MiraError
 from mira.federated.strategies.base import FitRes
 from mira.privacy.accountant import calibrate, central_event, check_delta, epsilon, finite_or_none
-from mira.privacy.base import ClientMechanism, gaussian_like, generator, register_mechanism
+from mira.privacy.base import ClientMechanism, gaussian_like, register_mechanism
 
 
 @register_mechanism
@@ -74,7 +75,7 @@ class DPFedAvg(ClientMechanism):
         if start is None:
             raise MiraError("central DP needs one global adapter that every client starts from", where="privacy.client")
         clip = self.clip_norm
-        total = {k: start[k].double() * 0 for k in keys}
+        total = {k: torch.zeros_like(start[k], dtype=torch.float64) for k in keys}
         unclipped, norms = 0, []
         for cid in sorted(results):
             delta, norm = self.clipped_delta(start, results[cid].adapter, keys, clip)
@@ -93,7 +94,8 @@ class DPFedAvg(ClientMechanism):
         ad = self.cfg.adaptive
         if ad is not None:  # bits shifted by -1/2 (sensitivity 1/2, which Thm 1's split assumes), then +1/2
             m = len(results)
-            noisy = (unclipped - m / 2 + float(gen_normal(gen)) * self.count_std) / self.expected + 0.5
+            count_noise = float(torch.randn((), generator=gen, dtype=torch.float64)) * self.count_std
+            noisy = (unclipped - m / 2 + count_noise) / self.expected + 0.5
             self.clip_norm = clip * math.exp(-ad.lr * (noisy - ad.target_quantile))
             info["dp_unclipped_fraction"] = noisy
         return {0: FitRes(virtual, 1, {})}, info
@@ -106,9 +108,3 @@ class DPFedAvg(ClientMechanism):
                 "clip_norm_initial": float(self.cfg.clip_norm), "adaptive": self.cfg.adaptive is not None,
                 "sampling": "poisson", "sampling_rate": self.q, "rounds": self.rounds,
                 "participations": list(self.participations)}
-
-
-def gen_normal(gen) -> float:
-    import torch
-
-    return float(torch.randn((), generator=gen, dtype=torch.float64))

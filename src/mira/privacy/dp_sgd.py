@@ -113,7 +113,9 @@ def dp_train(trainer, ds: TokenizedDataset, seed: int, *, keys: list[str], param
     if secure:
         from mira.privacy.base import secure_seed
 
-        seed = int(np.random.SeedSequence([secure_seed(), seed]).generate_state(1)[0])
+        from mira.federated.engine import derive_seed
+
+        seed = derive_seed(secure_seed(), seed)
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 

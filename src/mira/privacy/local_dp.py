@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from mira.privacy.accountant import calibrate, epsilon, finite_or_none, local_event
-from mira.privacy.base import ClientMechanism, gaussian_like, generator, register_mechanism
+from mira.privacy.base import ClientMechanism, gaussian_like, register_mechanism
 from mira.errors import MiraError
 
 

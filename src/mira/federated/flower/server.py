@@ -408,10 +408,7 @@ def flower_engine_class():
                                 f"quorum of {need} (min-clients: a strict majority by default; federation.min_clients="
                                 f"{self.cfg.federation.min_clients}); the run stops at round {rnd - 1} (resume "
                                 f"continues from its checkpoint)", where="federation.min_clients")
-            aggregate, dp_info = results, {}
-            if self.privacy is not None:  # central DP: the same private mean as in the engine (mira.privacy)
-                start = {k: v for k, v in self.strategy.configure_fit(0).adapter.items() if k in keys}
-                aggregate, dp_info = self.privacy.server_aggregate(rnd, results, start, keys)
+            aggregate, dp_info = self.private_results(rnd, results, keys)  # central DP, as in the engine
             info = {**self.strategy.aggregate_fit(rnd, aggregate), **dp_info}
             entry = {"round": rnd, "sampled": sampled, "rejected": rejected, "round_time_s": time.perf_counter() - t0,
                      "train_step_time_s": step_time, "train_tokens": tokens, "train_steps": n_steps,
