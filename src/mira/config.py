@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_validator
@@ -132,8 +132,14 @@ class AlgorithmConfig(BaseModel):
 
 class EvalConfig(_Strict):
     every: int = Field(1, gt=0)
+    # the global loss (every client's adapter on the union of all test splits) costs K adapters x all
+    # test examples for personalised strategies: "final" computes it at the last evaluation only,
+    # "never" not at all (``global_loss``/``mean_global_test_loss`` are then null)
+    global_loss: Literal["every", "final", "never"] = "every"
     batch_size: int = Field(16, gt=0)
-    generation: bool = False
+    # ROUGE-L / exact match of greedy generations on each client's first max_examples test examples:
+    # true at every evaluation, "final" at the last one only (generation is the slow part of an evaluation)
+    generation: Union[bool, Literal["final"]] = False
     max_new_tokens: int = Field(32, gt=0)
     max_examples: int = Field(8, gt=0)
 

@@ -361,3 +361,62 @@ def test_fedprox_train_loss_is_the_task_loss_and_the_prox_term_is_apart(tiny_cfg
     (entry,) = json.loads((tmp_path / "run/rounds.json").read_text())
     assert set(entry["train_loss"]) == set(entry["prox_term"]) == {"0", "1", "2", "3"}
     assert all(v > 0 for v in entry["prox_term"].values()) and all(v < 20 for v in entry["train_loss"].values())
+
+
+# -- eval.global_loss: the K x all-test-sets evaluation only where it is wanted -----------------
+
+def test_global_loss_final_and_never(tiny_cfg, tmp_path, monkeypatch):
+    raw = _raw(tiny_cfg, federation__rounds=3, eval__every=1)
+    _, every = _run(raw, tmp_path / "every")
+    _, final = _run(_raw(raw, eval__global_loss="final", eval__generation="final", eval__max_new_tokens=4,
+                         eval__max_examples=2), tmp_path / "final")
+    rows = [json.loads(x) for x in (tmp_path / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["global_loss"] is None and "rouge_l" not in r for r in rows if r["round"] < 3)
+    assert all(r["global_loss"] is not None and 0 <= r["rouge_l"] <= 1 for r in rows if r["round"] == 3)
+    assert 0 <= final["mean_rouge_l"] <= 1
+    # the same training: "final" changes only what is evaluated, not the result
+    assert final["mean_global_test_loss"] == pytest.approx(every["mean_global_test_loss"], abs=1e-6)
+    assert final["mean_local_test_loss"] == pytest.approx(every["mean_local_test_loss"], abs=1e-6)
+
+    calls = []
+    real = Engine.test_loss
+    monkeypatch.setattr(Engine, "test_loss", lambda self, ds: calls.append(ds is self.ws.global_test) or real(self, ds))
+    cfg = write_yaml(tmp_path / "never.yaml", _raw(raw, eval__global_loss="never", plots=True))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(cfg), "-a", "fedit,mira", "--out", str(out), "-q"]) == 0
+    assert calls and not any(calls)  # the union of the test sets was never evaluated
+    res = json.loads((out / "comparison.json").read_text())
+    assert all("mean_global_test_loss" not in e for e in res["algorithms"].values())
+    assert "global" not in res["paired"]["algorithms"]["mira"] and "local" in res["paired"]["algorithms"]["mira"]
+    assert (out / "comparison.png").exists() and "| mira | 1 |" in (out / "comparison.md").read_text()
+
+
+def test_estimator_diagnostics_measure_every_estimator_without_changing_the_run(tiny_cfg, tmp_path):
+    base = dict(partition__clients_per_task=2, data__tasks=["add", "upper"], federation__fraction=0.5,
+                federation__rounds=4)
+    algo = {"name": "mira", "graph": "similarity", "similarity": "centered", "similarity_average": True}
+    _, plain = _run(_raw(tiny_cfg, **base, algorithm=algo), tmp_path / "plain")
+    _, diag = _run(_raw(tiny_cfg, **base, algorithm={**algo, "estimator_diagnostics": True}), tmp_path / "diag")
+    assert diag["mean_local_test_loss"] == plain["mean_local_test_loss"]  # measurement only
+    rounds = json.loads((tmp_path / "diag/rounds.json").read_text())
+    for e in rounds:
+        est = e["graph_auc_estimators"]
+        assert set(est) == {"cosine", "cosine+average", "centered", "centered+average"}
+        if est["centered+average"] is not None:  # the shadow of the estimator in use sees the same updates
+            assert est["centered+average"] == pytest.approx(e["graph_auc"], abs=1e-12)
+    assert diag["graph_auc_estimators_last"] == rounds[-1]["graph_auc_estimators"]
+    with pytest.raises(MiraError, match="estimator_diagnostics applies to graph: similarity"):
+        _run(_raw(tiny_cfg, **base, algorithm={"name": "mira", "estimator_diagnostics": True}), tmp_path / "bad")
+
+
+def test_a_spec_carries_its_own_tuned_learning_rate(tiny_cfg):
+    from mira.federated.compare import config_for, parse_spec
+
+    cfg = validate(_raw(tiny_cfg))
+    label, name, opts = parse_spec("mira:federation.lr=0.05,lambda=2")
+    assert label == "mira(federation.lr=0.05,lambda=2)"
+    run = config_for(cfg, name, opts, seed=1)
+    assert run.federation.lr == 0.05 and run.algorithm.params()["lambda"] == 2
+    assert config_for(cfg, *parse_spec("fedit")[1:], seed=1).federation.lr == cfg.federation.lr
+    with pytest.raises(MiraError, match="federation.rounds cannot differ"):
+        parse_spec("fedit:federation.rounds=3")

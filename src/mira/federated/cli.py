@@ -59,6 +59,8 @@ def _summary_table(title: str, rows: list[tuple]) -> Table:
 
 
 def _fmt(e: dict, key: str) -> str:
+    if e.get(key) is None:
+        return "–"  # not computed (eval.global_loss)
     std = e.get(f"{key}_std")
     return f"{e[key]:.4f}" + (f" ± {std:.4f}" if std else "")
 
@@ -189,7 +191,7 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (def
         out = target
     if not quiet:
         console.print(_summary_table(f"{cfg.algorithm.name} after {summary['rounds']} rounds", [
-            (summary["algorithm"], f"{summary['mean_local_test_loss']:.4f}", f"{summary['mean_global_test_loss']:.4f}",
+            (summary["algorithm"], f"{summary['mean_local_test_loss']:.4f}", _fmt(summary, "mean_global_test_loss"),
              f"{summary['bytes_up']:,}", f"{summary['bytes_down']:,}")]))
         console.print(f"run directory: {out}")
 
@@ -318,7 +320,8 @@ def _print_comparison(result: dict, out: Path, quiet: bool) -> None:
     for label, e in (paired.get("algorithms") or {}).items():
         c = e["clients"]
         console.print(f"{label} − {paired['baseline']}: local {e['local']['mean']:+.4f} ± {e['local']['ci95']:.4f}, "
-                      f"global {e['global']['mean']:+.4f} ± {e['global']['ci95']:.4f}; clients better/tied/worse "
+                      + (f"global {e['global']['mean']:+.4f} ± {e['global']['ci95']:.4f}; " if "global" in e else "")
+                      + "clients better/tied/worse "
                       f"{c['wins']}/{c['ties']}/{c['losses']}", highlight=False)
     console.print(f"written: {out}/comparison.json, comparison.md, comparison.png, loss_curves.png")
 

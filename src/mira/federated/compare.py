@@ -37,6 +37,9 @@ from mira.report.progress import NullProgress
 from mira.userfiles import parse_yaml
 
 STATE = "comparison.json"
+# optimiser settings a spec may set for its own runs (``fedit:federation.lr=0.01``), so that each
+# algorithm runs with the learning rate ``mira tune`` chose for it; everything else is shared
+FEDERATION_OPTIONS = ("lr", "weight_decay", "grad_clip")
 TIE = 1e-3  # |difference in local test loss| below this is a tie
 _TOTALS = ("before", "after", "dropped", "input_truncated", "response_truncated", "prompt_intact",
            "prompt_intact_fraction")
@@ -73,6 +76,10 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
             raise MiraError(f"algorithm option {item!r} must be key=value", where=f"--algorithms {spec}")
         k, v = item.split("=", 1)
         k = k.strip()
+        if k.startswith("federation.") and k[11:] not in FEDERATION_OPTIONS:
+            raise MiraError(f"{k} cannot differ between compared algorithms (the federation is shared); only "
+                            f"{', '.join('federation.' + o for o in FEDERATION_OPTIONS)} can (each algorithm's tuned "
+                            f"optimiser settings)", where=f"--algorithms {spec}")
         if k.startswith("lora.") and k[5:] not in LORA_OPTIONS:
             raise MiraError(f"{k} cannot differ between compared algorithms (they share the model); only "
                             f"{', '.join('lora.' + o for o in LORA_OPTIONS)} can", where=f"--algorithms {spec}")
@@ -90,7 +97,9 @@ def config_for(cfg: RunConfig, name: str, opts: dict, seed: int, vary_data: bool
     base_opts = {k: v for k, v in cfg.algorithm.params().items() if k in accepted}
     lora = {k[5:]: v for k, v in opts.items() if k.startswith("lora.")}
     raw["lora"].update(lora)
-    raw["algorithm"] = {"name": name, **base_opts, **{k: v for k, v in opts.items() if not k.startswith("lora.")}}
+    raw["federation"].update({k[11:]: v for k, v in opts.items() if k.startswith("federation.")})
+    raw["algorithm"] = {"name": name, **base_opts,
+                        **{k: v for k, v in opts.items() if not k.startswith(("lora.", "federation."))}}
     raw["seed"] = seed
     if vary_data:  # each seed also draws its own data sample and split, so the spread covers the data
         raw["data"]["seed"] = cfg.data.seed + seed
@@ -197,8 +206,9 @@ def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int],
                 engine = Engine(ws, run_cfg, run_dir)
                 summary = engine.run(resume=resume, progress=progress)
                 rows = engine.rows
+                glob = summary["mean_global_test_loss"]
                 log(f"seed {seed} {label}: local {summary['mean_local_test_loss']:.4f} "
-                    f"global {summary['mean_global_test_loss']:.4f}")
+                    f"global {'not computed' if glob is None else f'{glob:.4f}'}")
             per_seed[label][seed] = summary
             last_rows[label] = rows
             if seed not in data_per_seed:
@@ -213,7 +223,7 @@ def compare(cfg: RunConfig, specs: list[str], out: str | Path, seeds: list[int],
         table = result["algorithms"]
         plot_compare(out, {label: {"summary": {**per_seed[label][seeds[-1]],
                                                "mean_local_test_loss": table[label]["mean_local_test_loss"],
-                                               "mean_global_test_loss": table[label]["mean_global_test_loss"]},
+                                               "mean_global_test_loss": table[label].get("mean_global_test_loss")},
                                    "rows": last_rows[label]} for label in labels})
     return result
 
@@ -230,8 +240,8 @@ def results(state: dict, labels: list[str], seeds: list[int], per_seed: dict[str
         entry = {"seeds": done}
         for key in ("mean_local_test_loss", "mean_global_test_loss", "mean_val_loss", "graph_auc_last", "bytes_up",
                     "bytes_down", "wall_time_s", "mean_rouge_l", "mean_exact_match"):
-            vals = [r[key] for r in runs if key in r]
-            if vals:
+            vals = [r[key] for r in runs if r.get(key) is not None]
+            if vals and len(vals) == len(runs):
                 entry[key] = float(np.mean(vals))
                 entry[f"{key}_std"] = float(np.std(vals))
                 entry[f"{key}_ci95"] = ci95(vals)
@@ -262,6 +272,8 @@ def paired_vs_baseline(per_seed: dict[str, dict[int, dict]], labels: list[str], 
             continue
         entry = {"seeds": both}
         for key, name in (("mean_local_test_loss", "local"), ("mean_global_test_loss", "global")):
+            if any(per_seed[label][s].get(key) is None or base[s].get(key) is None for s in both):
+                continue  # not computed (eval.global_loss: never)
             diffs = [per_seed[label][s][key] - base[s][key] for s in both]
             entry[name] = {"mean": float(np.mean(diffs)), "ci95": ci95(diffs), "per_seed": diffs}
         wins = ties = losses = 0
@@ -332,8 +344,8 @@ def paired_markdown(paired: dict | None) -> str:
     for label, e in paired["algorithms"].items():
         c = e["clients"]
         lines.append(f"| {label} | {len(e['seeds'])} | {e['local']['mean']:+.4f} ± {e['local']['ci95']:.4f} | "
-                     f"{e['global']['mean']:+.4f} ± {e['global']['ci95']:.4f} | "
-                     f"{c['wins']} / {c['ties']} / {c['losses']} |")
+                     + (f"{e['global']['mean']:+.4f} ± {e['global']['ci95']:.4f} | " if "global" in e else "– | ")
+                     + f"{c['wins']} / {c['ties']} / {c['losses']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -447,18 +447,21 @@ class Engine:
         ws, ev = self.ws, self.cfg.eval
         pad = ws.tokenizer.pad_token_id
         rows, global_cache = [], {}
+        final = rnd == getattr(self, "final_round", rnd)
+        want_global = ev.global_loss == "every" or (ev.global_loss == "final" and final)
+        want_generation = ev.generation is True or (ev.generation == "final" and final)
         for c in ws.clients:
             adapter = self.strategy.adapter_for(c.id)
             self._client(c.id)[0].set(adapter)
             local, _ = self.test_loss(ws.test[c.id])
             if id(adapter) not in global_cache:
-                global_cache[id(adapter)] = self.test_loss(ws.global_test)[0]
+                global_cache[id(adapter)] = self.test_loss(ws.global_test)[0] if want_global else None
             row = {"round": rnd, "client": c.id, "task": c.task, "local_loss": local,
                    "global_loss": global_cache[id(adapter)], "n_train": len(ws.train[c.id]), "n_test": len(ws.test[c.id])}
             if ws.val:  # the client's own adapter on its own validation split (selection looks only at this)
                 row["val_loss"] = eval_loss(ws.model, ws.val[c.id], pad, ev.batch_size)[0]
                 row["n_val"] = len(ws.val[c.id])
-            if ev.generation:
+            if want_generation:
                 preds = generate(ws.model, ws.tokenizer, ws.test[c.id], ev.max_new_tokens, ev.max_examples)
                 refs = [r.output for r in ws.test[c.id].records[: len(preds)]]
                 row.update(generation_metrics(preds, refs))
@@ -516,7 +519,7 @@ class Engine:
             if resume and (self.out / "config.yaml").exists():
                 log.info("no checkpoint in %s (killed before round 1 ended): starting from round 0", self.out)
             self.write_identity()
-        rounds = self.strategy.num_rounds(self.cfg.federation.rounds)
+        rounds = self.final_round = self.strategy.num_rounds(self.cfg.federation.rounds)
         every = self.cfg.eval.every
         progress.start_rounds(self.cfg.algorithm.name, rounds, self.round)
         for rnd in range(self.round + 1, rounds + 1):
@@ -526,6 +529,12 @@ class Engine:
             auc = self.graph_auc()
             if auc is not None:
                 entry["graph_auc"] = auc
+                shadows = getattr(self.strategy, "shadow_graphs", None)
+                if shadows:  # mira's estimator_diagnostics: every estimator on the same updates
+                    from mira.federated.graph import task_auc
+
+                    entry["graph_auc_estimators"] = {n: task_auc(a, [c.task for c in self.ws.clients])
+                                                     for n, a in shadows.items()}
             if rnd % every == 0 or rnd == rounds:  # noqa: SIM102
                 te = time.perf_counter()
                 self.rows += self.evaluate(rnd)
@@ -570,7 +579,8 @@ class Engine:
                          "local_test_loss": r["local_loss"], "global_test_loss": r["global_loss"],
                          **{k: r[k] for k in ("n_val", "val_loss", "rouge_l", "exact_match") if k in r}} for r in last],
             "mean_local_test_loss": float(np.mean([r["local_loss"] for r in last])),
-            "mean_global_test_loss": float(np.mean([r["global_loss"] for r in last])),
+            "mean_global_test_loss": (float(np.mean([r["global_loss"] for r in last]))
+                                      if last and all(r["global_loss"] is not None for r in last) else None),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "adapter_bytes": self.codec.raw_bytes(keys),
@@ -594,6 +604,9 @@ class Engine:
         aucs = [e["graph_auc"] for e in self.rounds_log if "graph_auc" in e]
         if aucs:
             summary["graph_auc_last"] = float(aucs[-1])
+        est = [e["graph_auc_estimators"] for e in self.rounds_log if "graph_auc_estimators" in e]
+        if est:
+            summary["graph_auc_estimators_last"] = est[-1]
         scaled = [e["round"] for e in self.rounds_log if e.get("step_scaled")]
         if scaled:
             summary["step_scaled_rounds"] = scaled

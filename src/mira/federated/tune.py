@@ -230,7 +230,8 @@ def tune_markdown(result: dict) -> str:
         per = [f"{p['val_loss'][str(s)]:.4f}" if str(s) in p["val_loss"] else "–" for s in seeds]
         tests = list(p["test_not_used_for_selection"].values())
         lt = f"{np.mean([t['mean_local_test_loss'] for t in tests]):.4f}" if tests else "–"
-        gt = f"{np.mean([t['mean_global_test_loss'] for t in tests]):.4f}" if tests else "–"
+        gt = (f"{np.mean([t['mean_global_test_loss'] for t in tests]):.4f}"
+              if tests and all(t["mean_global_test_loss"] is not None for t in tests) else "–")
         lines.append(f"| {p['index']}{mark} | " + " | ".join(set_value(p["params"][k]) for k in keys) +
                      f" | {mv} | " + " | ".join(per) + f" | {lt} | {gt} |")
     lines.append("")

@@ -17,8 +17,11 @@ def _curves(rows: list[dict]) -> tuple[list[int], list[float], list[float]]:
     for r in rows:
         by_round[r["round"]].append(r)
     rounds = sorted(by_round)
-    return (rounds, [float(np.mean([r["local_loss"] for r in by_round[t]])) for t in rounds],
-            [float(np.mean([r["global_loss"] for r in by_round[t]])) for t in rounds])
+
+    def glob(t: int) -> float:  # nan where the global loss was not computed (eval.global_loss): a gap in the curve
+        vals = [r.get("global_loss") for r in by_round[t]]
+        return float(np.mean(vals)) if vals and all(v is not None for v in vals) else float("nan")
+    return (rounds, [float(np.mean([r["local_loss"] for r in by_round[t]])) for t in rounds], [glob(t) for t in rounds])
 
 
 def _save(fig, path: Path) -> None:
@@ -46,11 +49,16 @@ def plot_run(out: Path, rows: list[dict], name: str) -> None:
     x = np.arange(len(last))
     fig, ax = plt.subplots(figsize=(max(6, len(last) * 0.7), 4))
     ax.bar(x - 0.2, [r["local_loss"] for r in last], 0.4, label="local test loss")
-    ax.bar(x + 0.2, [r["global_loss"] for r in last], 0.4, label="global test loss")
+    ax.bar(x + 0.2, [_num(r.get("global_loss")) for r in last], 0.4, label="global test loss")
     ax.set_xticks(x, [f"{r['client']}\n{r['task'][:14]}" for r in last], fontsize=7)
     ax.set(ylabel="loss", title=f"{name}: per-client test loss (round {rounds[-1]})")
     ax.legend()
     _save(fig, Path(out) / "plots" / "client_losses.png")
+
+
+def _num(v) -> float:
+    """A loss that may be missing (None: not computed) as a float for matplotlib (nan: not drawn)."""
+    return float("nan") if v is None else float(v)
 
 
 def _colors(n: int):
@@ -70,7 +78,7 @@ def plot_compare(out: Path, results: dict[str, dict]) -> None:
     out = Path(out)
     algos = list(results)
     local = [results[a]["summary"]["mean_local_test_loss"] for a in algos]
-    glob = [results[a]["summary"]["mean_global_test_loss"] for a in algos]
+    glob = [_num(results[a]["summary"].get("mean_global_test_loss")) for a in algos]
     _save(comparison_figure(algos, local, glob), out / "comparison.png")
     _compare_details(out, results, algos)
 
@@ -83,11 +91,13 @@ def comparison_figure(algos: list[str], local: list[float], glob: list[float]):
     ax.barh(y + 0.2, glob, 0.4, label="mean global test loss")
     ax.set_yticks(y, algos, fontsize=8)
     ax.invert_yaxis()  # the first algorithm on top, as in comparison.md
-    lo, hi = min(local + glob), max(local + glob)
+    shown = [v for v in local + glob if np.isfinite(v)]
+    lo, hi = min(shown), max(shown)
     ax.set_xlim(max(0, lo - 0.15 * (hi - lo + 1e-9) - 0.05), hi + 0.12 * (hi - lo + 1e-9) + 0.02)
     for yy, (lv, gv) in enumerate(zip(local, glob)):
         ax.text(lv, yy - 0.2, f" {lv:.3f}", va="center", fontsize=7)
-        ax.text(gv, yy + 0.2, f" {gv:.3f}", va="center", fontsize=7)
+        if np.isfinite(gv):
+            ax.text(gv, yy + 0.2, f" {gv:.3f}", va="center", fontsize=7)
     ax.set_xlabel("loss (lower is better)")
     ax.set_title("algorithms compared", pad=24)
     ax.grid(axis="x", alpha=0.3)

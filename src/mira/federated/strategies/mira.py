@@ -67,6 +67,9 @@ class MiraParams(BaseModel):
     graph_file: Optional[str] = None
     similarity: Literal["cosine", "centered"] = "cosine"  # graph: similarity only (see mira.federated.graph)
     similarity_average: bool = False
+    # graph: similarity only: also run all four estimators (cosine/centered x latest/average) on the same
+    # updates each round and log each one's task AUC (rounds.json graph_auc_estimators); measurement only
+    estimator_diagnostics: bool = False
     space: Literal["factors", "delta"] = "factors"  # delta: the step on s_k B_k A_k, for per-client ranks
 
 
@@ -85,6 +88,11 @@ class Mira(Strategy):
         self.graph = self._check(params, ctx)
         self.eta = params.eta if params.eta is not None else ctx.lr * ctx.local_steps
         self.graphs: list[np.ndarray] = []  # the graph used in each round
+        self.shadows = {}  # estimator_diagnostics: the other estimators, fed the same updates, never used
+        if params.estimator_diagnostics:
+            self.shadows = {f"{sim}{'+average' if avg else ''}": build_graph(
+                "similarity", ctx.num_clients, ctx.seed, similarity=sim, similarity_average=avg)
+                for sim in ("cosine", "centered") for avg in (False, True)}
 
     @classmethod
     def supports_ranks(cls, params) -> bool:
@@ -100,6 +108,8 @@ class Mira(Strategy):
         if params.graph != "similarity" and (params.similarity != "cosine" or params.similarity_average):
             raise MiraError("similarity and similarity_average apply to graph: similarity only",
                             where="algorithm.similarity")
+        if params.estimator_diagnostics and params.graph != "similarity":
+            raise MiraError("estimator_diagnostics applies to graph: similarity only", where="algorithm.estimator_diagnostics")
         if params.graph == "similarity" and ctx.ranks and len(set(ctx.ranks)) > 1:
             raise MiraError("graph: similarity compares flattened adapters, so it needs one LoRA rank for all "
                             "clients; use a static graph with lora.ranks", where="algorithm.graph")
@@ -123,6 +133,8 @@ class Mira(Strategy):
         if self.graph.dynamic:
             updates = {cid: flatten(r.adapter) - flatten(self.adapters[cid]) for cid, r in results.items()}
             self.graph.update(updates)
+            for g in self.shadows.values():
+                g.update(updates)
         a = self.graph.a
         fresh = {cid: r.adapter for cid, r in results.items()}
         neighbours = range(self.ctx.num_clients) if self.p.neighbors == "all" else sorted(fresh)
@@ -178,13 +190,22 @@ class Mira(Strategy):
     def adapter_for(self, cid: int):
         return self.adapters[cid]
 
+    @property
+    def shadow_graphs(self) -> dict[str, np.ndarray]:
+        """With ``estimator_diagnostics``: each estimator's current graph on the same updates."""
+        return {name: g.a for name, g in self.shadows.items()}
+
     def state_dict(self) -> dict:
         s = {"adapters": self.adapters, "graphs": self.graphs}
         if self.graph.dynamic:
             s["graph"] = self.graph.state_dict()
+        if self.shadows:
+            s["shadows"] = {name: g.state_dict() for name, g in self.shadows.items()}
         return s
 
     def load_state_dict(self, state: dict) -> None:
         self.adapters, self.graphs = state["adapters"], state["graphs"]
         if self.graph.dynamic:
             self.graph.load_state_dict(state["graph"])
+        for name, g in self.shadows.items():
+            g.load_state_dict(state["shadows"][name])
