@@ -10,11 +10,23 @@ Runs, on one machine:
   ClientApp: a fresh process per message that loads the model;
 * ``warm``: the same with ``--warm`` SuperNodes (a worker keeps the model loaded);
 * ``warm-bf16``: warm, with ``federation.wire_dtype: bfloat16``;
-* ``warm-tls``: warm, with TLS and SuperNode authentication.
+* ``warm-tls``: warm, with TLS and SuperNode authentication;
+* ``warm-legacy``: warm as before the fork server and the poll cap (``MIRA_FORKSERVER_OFF=1``,
+  ``MIRA_SUPERNODE_POLL=3``: a fresh ``flwr-clientapp`` process per message, Flower's 3 s idle poll).
 
-Bytes come from Flower's side: the serialised size of every message the ServerApp
-pushes and pulls (``protocol.payload_bytes``: all objects of the message, i.e. what the
-SuperLink stores and a SuperNode pulls, before HTTP/TLS framing), and the SuperLink's
+Per round it also splits the time (``breakdown``): ``client_s``, the slowest node's time in
+mira's ClientApp handler for the fit message (from the node logs, 0.1 s resolution; the warm
+worker's training), and ``fixed_s = round_s - client_s``, what the transport adds (SuperNode
+poll, SuperExec poll, ClientApp process start, pushes and pulls); ``clientapp_s_per_msg`` is
+Flower's own ClientApp compute time (``flwr ls``) per message: from the ClientApp's
+``PullMessages`` to its ``PushMessages`` on the SuperNode, so neither the process start nor its
+exit, but the wait for a message its SuperNode is still downloading (a forked ClientApp asks at
+once; a fresh process only after seconds of imports).
+
+Bytes come from Flower's side: what the records of every message the ServerApp pushes
+and pulls hold (``protocol.payload_bytes``, Flower's public ``count_bytes()``: array data
+with its numpy headers, record keys, config and metric values; without Flower's object
+headers, ids and protobuf framing), and the SuperLink's
 own Fleet traffic counters for the run (``flwr ls``: protobuf request+response bytes of
 every Fleet call, including hello and evaluation). Prints a table and writes
 ``benchmarks/results/flower.json``.
@@ -73,12 +85,25 @@ def run_engine(raw: dict, out: Path) -> dict:
             "summary": summary}
 
 
-def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False) -> dict:
+def handler_times(fed) -> dict[int, float]:
+    """round -> the slowest node's ``fit round r in X s`` (mira's ClientApp handler)."""
+    import re
+
+    out: dict[int, float] = {}
+    for name, proc in fed.procs.items():
+        if name.startswith("supernode_"):
+            for rnd, sec in re.findall(r"\] fit round (\d+) in ([\d.]+)s", proc.text()):
+                out[int(rnd)] = max(out.get(int(rnd), 0.0), float(sec))
+    return out
+
+
+def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False, env: dict | None = None) -> dict:
     from mira.federated.flower import bundle
     from mira.federated.flower.launch import LocalFederation
     from mira.federated.flower.settings import RunSettings
 
-    fed = LocalFederation(work, tls=tls, auth=tls)
+    fed = LocalFederation(work, tls=tls, auth=tls, env=env or {})
+    handlers: dict[int, float] = {}
     try:
         t0 = time.perf_counter()
         fed.start_superlink()
@@ -90,13 +115,21 @@ def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False) 
         total = time.perf_counter() - t_submit
         if info["status"] != "finished:completed":
             raise RuntimeError(f"run failed: {info}\n{fed.logs(run_id)[-3000:]}")
+        handlers = handler_times(fed)
     finally:
         left = fed.close()
         assert not left, left
     rounds = json.loads((out / "rounds.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
+    fl = summary.get("flower", {})
+    n_msgs = int(fl.get("fit_messages", 0)) + int(fl.get("eval_messages", 0)) + K  # + one hello per node
+    clientapp_s = (info.get("compute-time") or {}).get("clientapp-seconds")
+    breakdown = [{"round": e["round"], "round_s": e["round_time_s"], "client_s": handlers.get(e["round"]),
+                  "fixed_s": e["round_time_s"] - handlers[e["round"]] if e["round"] in handlers else None,
+                  "train_step_s_per_client": e.get("train_step_time_s", 0.0) / K} for e in rounds]
     return {"mode": None, "start_s": t_nodes - t0, "submit_s": t_submit - t_nodes, "run_total_s": total,
             "round_s": [e["round_time_s"] for e in rounds], "eval_s": [e.get("eval_time_s") for e in rounds],
+            "breakdown": breakdown, "clientapp_s_per_msg": clientapp_s / n_msgs if clientapp_s else None,
             "summary": summary, "flwr_ls": {k: info.get(k) for k in ("network-traffic", "compute-time", "elapsed")}}
 
 
@@ -139,7 +172,9 @@ def main(argv=None) -> int:
             cfg = copy.deepcopy(raw)
             if mode.endswith("bf16"):
                 cfg["federation"]["wire_dtype"] = "bfloat16"
-            r = run_flower(cfg, tmp / mode, tmp / f"{mode}_fed", warm=mode.startswith("warm"), tls=mode.endswith("tls"))
+            legacy = {"MIRA_FORKSERVER_OFF": "1", "MIRA_SUPERNODE_POLL": "3"} if mode.endswith("legacy") else None
+            r = run_flower(cfg, tmp / mode, tmp / f"{mode}_fed", warm=mode.startswith("warm"), tls=mode.endswith("tls"),
+                           env=legacy)
             r["mode"] = mode
             results.append(r)
             print(f"{mode}: rounds {[f'{x:.2f}' for x in r['round_s']]} s, run {r['run_total_s']:.1f} s", flush=True)
@@ -156,6 +191,7 @@ def main(argv=None) -> int:
                      "slowdown_vs_engine": mean_round / eng_round, "eval_s": r["eval_s"],
                      "run_total_s": r.get("run_total_s", r.get("total_s")), "startup_s": r.get("start_s"),
                      "mean_local_test_loss": r["summary"]["mean_local_test_loss"], "bytes_per_client_round": b,
+                     "breakdown": r.get("breakdown"), "clientapp_s_per_msg": r.get("clientapp_s_per_msg"),
                      "flwr_ls": r.get("flwr_ls")})
     doc = {"command": "MIRA_THREADS=1 python benchmarks/flower_bench.py " + " ".join(argv or sys.argv[1:]),
            "machine": info, "config": raw, "clients": K, "results": rows}
@@ -170,6 +206,13 @@ def main(argv=None) -> int:
               f"{b.get('flower_msg_down', 0):10.0f} {b.get('flower_msg_up', 0):9.0f} "
               f"{b.get('overhead_vs_raw_down', 0):8.1%} {b.get('superlink_fleet_bytes_per_client_round', 0):20.0f} "
               f"{row['mean_local_test_loss']:10.4f}")
+    for row in rows:
+        for e in row.get("breakdown") or []:
+            print(f"{row['mode']:12} round {e['round']}: {e['round_s']:.2f} s = client {e['client_s']} s "
+                  f"(training {e['train_step_s_per_client']:.2f} s per client) + fixed "
+                  f"{e['fixed_s'] if e['fixed_s'] is None else round(e['fixed_s'], 2)} s")
+        if row.get("clientapp_s_per_msg"):
+            print(f"{row['mode']:12} Flower ClientApp compute time per message: {row['clientapp_s_per_msg']:.2f} s")
     print(f"\nwritten: {args.out}")
     return 0
 

@@ -8,7 +8,9 @@ examples/mira-ni.yaml: 16 clients, 8 Natural Instructions tasks x 2; fraction 0.
 5 local steps, stories260K):
 
 1. ``mira tune`` per algorithm, 6 grid points each, seed 0, selection by mean validation loss
-   (the global loss is not computed while tuning: ``eval.global_loss=never``);
+   (the global loss is not computed while tuning: ``eval.global_loss=never``); FedIT and local
+   first (learning rate only), then FedProx and MIRA (3 learning rates around FedIT's choice x 2
+   values of mu / lambda, MIRA's eta fixed at 0.1);
 2. ``mira compare`` of the tuned algorithms (each spec carries its own ``federation.lr`` and
    options), seeds 0,1,2, baseline FedIT, global loss and ROUGE-L at the last round.
 
@@ -30,17 +32,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MIRA = str(ROOT / ".venv" / "bin" / "mira")
 CONFIGS = {"dolly": "examples/mira-dolly.yaml", "ni": "examples/mira-ni.yaml"}
-LR6 = [0.003, 0.006, 0.012, 0.024, 0.048, 0.096]
-LR3 = [0.006, 0.024, 0.096]
 SIM = "mira:graph=similarity,similarity_average=true,eta=0.1,estimator_diagnostics=true"
-# name -> (spec, grid): every algorithm gets 6 points
+# name -> (spec, grid); every algorithm gets 6 points. FedIT and local search the learning rate alone
+# (local's range sits lower: a client alone overfits its ~50 examples sooner); the algorithms with a
+# second hyper-parameter search 3 learning rates around FedIT's validation choice (b/2, b, 2b) x 2
+# values of it ("fedit_lr": filled in once FedIT's tune has finished).
 ALGORITHMS = {
-    "local": ("local", {"federation.lr": LR6}),
-    "fedit": ("fedit", {"federation.lr": LR6}),
-    "fedprox": ("fedprox", {"federation.lr": LR3, "algorithm.mu": [0.01, 0.1]}),
-    "mira": ("mira:eta=0.1", {"federation.lr": LR3, "algorithm.lambda": [0.1, 0.5]}),
-    "mira-sim": (SIM, {"federation.lr": LR3, "algorithm.lambda": [0.1, 0.5]}),
+    "fedit": ("fedit", {"federation.lr": [0.003, 0.006, 0.012, 0.024, 0.048, 0.096]}),
+    "local": ("local", {"federation.lr": [0.00075, 0.0015, 0.003, 0.006, 0.012, 0.024]}),
+    "fedprox": ("fedprox", {"federation.lr": "fedit_lr", "algorithm.mu": [0.01, 0.1]}),
+    "mira": ("mira:eta=0.1", {"federation.lr": "fedit_lr", "algorithm.lambda": [0.1, 0.5]}),
+    "mira-sim": (SIM, {"federation.lr": "fedit_lr", "algorithm.lambda": [0.1, 0.5]}),
 }
+FIRST = ("fedit", "local")  # tuned first; the others' learning-rate grid depends on FedIT's choice
 COMPARE_SET = ["eval.global_loss=final", "eval.generation=final", "eval.max_examples=6", "eval.max_new_tokens=48"]
 
 
@@ -54,8 +58,17 @@ def sh(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({rc}): {' '.join(cmd)}; see {log}")
 
 
+def grid_for(ds: str, name: str) -> dict:
+    grid = dict(ALGORITHMS[name][1])
+    if grid.get("federation.lr") == "fedit_lr":
+        b = json.loads((ROOT / "runs" / "mira-exp" / ds / "tune-fedit" / "tune.json").read_text())["best"]
+        lr = b["params"]["federation.lr"]
+        grid["federation.lr"] = [round(lr / 2, 6), lr, round(lr * 2, 6)]
+    return grid
+
+
 def tune(ds: str, name: str) -> dict:
-    spec, grid = ALGORITHMS[name]
+    spec, grid = ALGORITHMS[name][0], grid_for(ds, name)
     out = ROOT / "runs" / "mira-exp" / ds / f"tune-{name}"
     state = out / "tune.json"
     if not (state.exists() and json.loads(state.read_text()).get("status") == "finished"):
@@ -82,12 +95,14 @@ def main() -> None:
     args = ap.parse_args()
     if "MIRA_ASSETS" not in os.environ:
         sys.exit("set MIRA_ASSETS to the folder holding data/ and models/ (e.g. ../shared)")
-    jobs = [(ds, name) for ds in args.datasets for name in ALGORITHMS]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        tuned = dict(zip(jobs, pool.map(lambda j: tune(*j), jobs)))
+    tuned = {}
+    for stage in (FIRST, [n for n in ALGORITHMS if n not in FIRST]):
+        jobs = [(ds, name) for ds in args.datasets for name in stage]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            tuned.update(zip(jobs, pool.map(lambda j: tune(*j), jobs)))
 
     def run_compare(ds: str) -> None:
-        specs = [tuned_spec(name, tuned[(ds, name)]["best"]) for name in ALGORITHMS]
+        specs = [tuned_spec(name, tuned[(ds, name)]["best"]) for name in ALGORITHMS]  # specs[0]: FedIT
         out = ROOT / "runs" / "mira-exp" / ds / "compare"
         state = out / "comparison.json"
         if state.exists() and json.loads(state.read_text()).get("status") == "finished":
@@ -97,7 +112,7 @@ def main() -> None:
         else:
             from mira.federated.compare import parse_spec
 
-            baseline = parse_spec(specs[1])[0]
+            baseline = parse_spec(specs[0])[0]
             cmd = [MIRA, "compare", CONFIGS[ds], "-a", ",".join(specs), "--seeds", "0,1,2", "--baseline", baseline,
                    "--out", str(out), "-q"]
             for s in COMPARE_SET:
@@ -105,7 +120,7 @@ def main() -> None:
             sh(cmd, out.parent / "compare.log")
         res = ROOT / "benchmarks" / "results"
         result = json.loads(state.read_text())
-        result["tuning"] = {name: {"spec": ALGORITHMS[name][0], "grid": ALGORITHMS[name][1],
+        result["tuning"] = {name: {"spec": ALGORITHMS[name][0], "grid": grid_for(ds, name),
                                    "best": tuned[(ds, name)]["best"],
                                    "points": [{"params": p["params"], "mean_val_loss": p["mean_val_loss"]}
                                               for p in tuned[(ds, name)]["points"]]} for name in ALGORITHMS}

@@ -162,7 +162,7 @@ class InProcessFleet:
             if msg_type == p.MSG_FIT:
                 task = p.parse_fit(content)
                 buf, m = self.rt[cid].fit(task)
-                out[cid] = Reply(cid, p.fit_reply(buf, m), None, len(task.buf), len(buf))
+                out[cid] = Reply(cid, p.fit_reply(buf, m), None, task.adapter.nbytes, buf.nbytes)
             else:
                 bufs, own, _ = p.parse_eval(content)
                 losses, tokens, extra = self.rt[cid].evaluate(bufs, own)

@@ -172,3 +172,79 @@ def test_central_dp_on_flower_matches_the_in_process_engine(federations, tmp_pat
     rounds, ref_rounds = read_json(out / "rounds.json"), read_json(ref / "rounds.json")
     assert [e["sampled"] for e in rounds] == [e["sampled"] for e in ref_rounds]
     assert [e["dp_noise_std"] for e in rounds] == [e["dp_noise_std"] for e in ref_rounds]
+
+
+def test_superlink_restart_nodes_reconnect_and_the_run_resumes_to_the_same_adapters(federations, reference,
+                                                                                    tmp_path):
+    """Crash the SuperLink (SIGKILL, with its SuperExec and ServerApp) right after round 1's
+    checkpoint, while round 2 runs; start it again on the same port. Flower's SuperNodes then exit
+    (the new SuperLink does not know them); mira's supervisor restarts each one with logged back-off
+    (warm and cold nodes alike), and ``mira flower run --resume RUN_DIR`` continues from the
+    checkpoint: round 2 only, and the same adapters as the uninterrupted in-process run."""
+    import subprocess
+    import sys
+
+    from mira.federated.flower import bundle
+    from mira.federated.flower.launch import TAG
+    from mira.federated.flower.settings import RunSettings
+
+    fed = federations()
+    fed.start_superlink()
+    nodes = fed.start_supernodes(N_CLIENTS, warm=[True, True, False])
+    out = tmp_path / "run"
+    run_id = fed.submit(bundle.config_text(flower_cfg()), RunSettings(out_dir=str(out), cross_eval=True))
+    deadline = time.monotonic() + 400
+    while not (out / "checkpoint.pt").exists():  # round 1 done; round 2 starts at once
+        assert time.monotonic() < deadline, fed.logs(run_id)[-3000:]
+        time.sleep(0.1)
+    assert not (out / "summary.json").exists()
+    offsets = {n.name: n.log.stat().st_size for n in nodes}
+    t_crash = time.monotonic()
+    fed.crash_superlink()
+    assert not any("flwr-serverapp" in " ".join(_cmdline(p)) for p in _tagged(fed)), "the ServerApp survived"
+    fed.start_superlink()
+
+    def since(n) -> str:
+        with open(n.log, "rb") as f:
+            f.seek(offsets[n.name])
+            return f.read().decode(errors="replace")
+
+    while not all(since(n).count("SuperNode ID:") >= 1 for n in nodes):  # re-registered with the new SuperLink
+        assert time.monotonic() - t_crash < 120, {n.name: since(n)[-1500:] for n in nodes}
+        time.sleep(0.5)
+    reconnect_s = time.monotonic() - t_crash
+    for n in nodes:
+        assert n.alive(), n.text()[-2000:]  # the supervisor, still the same process
+        assert re.search(r"\[mira supervisor .*\] the SuperNode exited with code 0 after .*; restart 1 of at most "
+                         r"\d+ in 1\.0s", since(n)), since(n)[-2000:]
+
+    # resume through the CLI, as an operator would (same process tag: cleaned up with the federation)
+    env = {**os.environ, **bundle.QUIET_ENV, TAG: fed.tag}
+    proc = subprocess.run([sys.executable, "-m", "mira", "flower", "run", "--resume", str(out), "--superlink",
+                           fed.address.address, "--insecure", "--timeout", "600"], env=env, capture_output=True,
+                          text=True, timeout=700)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+
+    flw, eng = load_adapters(out), load_adapters(reference[2])
+    for c in range(N_CLIENTS):
+        assert max_diff(flw[c], eng[c]) <= ATOL, f"client {c}"
+    s, r = read_json(out / "summary.json"), read_json(reference[2] / "summary.json")
+    assert s["rounds"] == 2 and [e["round"] for e in read_json(out / "rounds.json")] == [1, 2]
+    assert s["mean_local_test_loss"] == pytest.approx(r["mean_local_test_loss"], abs=1e-6)
+    for n in nodes:  # after the crash the nodes trained round 2 only: the run continued from its checkpoint
+        assert "] fit round 2 in" in since(n) and "] fit round 1 in" not in since(n), since(n)[-2000:]
+    print(f"nodes re-registered {reconnect_s:.1f}s after the SuperLink crash")
+
+
+def _tagged(fed) -> list[int]:
+    from mira.federated.flower.launch import tagged_pids
+
+    return tagged_pids(fed.tag)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []

@@ -10,19 +10,108 @@ from .conftest import flower_cfg
 
 
 def test_records_round_trip():
+    import numpy as np
+
     from mira.federated.flower import protocol as p
 
-    task = p.FitTask(b"MIRA" + bytes(60), rnd=3, seed=7, prox_mu=0.01, frozen=["a"], keys=["b", "c"], lossless=True,
-                      step_scale=4)
+    t = p.Tensors("float32", {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "c": np.ones(4, np.float32)})
+    task = p.FitTask(t, rnd=3, seed=7, prox_mu=0.01, frozen=["a"], keys=["b", "c"], lossless=True, step_scale=4)
     assert p.parse_fit(p.fit_content(task)) == task
-    assert p.parse_fit(p.fit_content(p.FitTask(b"x", 1, 2))) == p.FitTask(b"x", 1, 2)  # empty lists
-    buf, m = p.parse_fit_reply(p.fit_reply(b"abc", {"n_train": 3, "train_loss": 0.5}))
-    assert buf == b"abc" and m == {"n_train": 3, "train_loss": 0.5}
-    assert p.parse_eval(p.eval_content([b"a", b"bb"], own=1, rnd=2)) == ([b"a", b"bb"], 1, 2)
+    empty = p.Tensors("float16", {})
+    assert p.parse_fit(p.fit_content(p.FitTask(t, 1, 2))) == p.FitTask(t, 1, 2)  # empty lists
+    tensors, m = p.parse_fit_reply(p.fit_reply(t, {"n_train": 3, "train_loss": 0.5}))
+    assert tensors == t and m == {"n_train": 3, "train_loss": 0.5}
+    assert t.nbytes == 16 + 10 * 4 and empty.nbytes == 16
+    assert p.parse_eval(p.eval_content([t, t], own=1, rnd=2)) == ([t, t], 1, 2)
     assert p.parse_eval_reply(p.eval_reply([1.0, 2.0], 10, {"rouge_l": 0.5})) == {"losses": [1.0, 2.0], "tokens": 10,
                                                                                    "rouge_l": 0.5}
     info = {"partition_id": 1, "num_partitions": 3, "task": "add", "n_train": 12, "n_test": 4}
     assert p.parse_hello(9, p.hello_reply(info)) == p.NodeInfo(9, 1, 3, "add", 12, 4)
+
+
+def _message(content):
+    from flwr.app import Message
+
+    return Message(content, dst_node_id=1, message_type="train.x")
+
+
+def _flower_trip(content):
+    """``content`` deflated to Flower's objects and inflated again, as between two processes."""
+    from .test_secagg import _transfer
+
+    return _transfer(_message(content), "m1").content
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_named_tensors_carry_the_wire_codecs_numbers(dtype, monkeypatch):
+    """TensorCodec -> ArrayRecord -> Flower's (de)serialisation -> TensorCodec gives bitwise what
+    WireCodec's encode/decode gives (the in-process engine's transfer), with the same byte count;
+    each tensor is one named Array that Flower's public API reads."""
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from mira.federated.flower import protocol as p
+    from mira.federated.wire import WireCodec
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
+    g = torch.Generator().manual_seed(0)
+    state = {"x.lora_A.weight": torch.randn(4, 16, generator=g), "x.lora_B.weight": torch.randn(16, 4, generator=g),
+             "y.lora_A.weight": torch.randn(4, 8, generator=g) * 1e-3}
+    keys = list(state)
+    wire, tc = WireCodec(state, dtype), p.TensorCodec(state, dtype)
+    buf = wire.encode(state, keys)
+    ref = wire.decode(buf, keys)
+    t = tc.encode(state, keys)
+    assert t.nbytes == len(buf) and tc.raw_bytes(keys) == wire.raw_bytes(keys)
+    content = _flower_trip(p.fit_content(p.FitTask(t, 1, 0)))
+    rec = content["adapter"]
+    assert list(rec) == keys
+    for k in keys:
+        arr = rec[k]
+        assert tuple(arr.shape) == tuple(state[k].shape) and arr.dtype == dtype
+        if dtype == "bfloat16":
+            assert arr.stype == p.BF16_STYPE and len(arr.data) == 2 * state[k].numel()
+            with pytest.raises(TypeError):  # numpy has no bfloat16: Flower's numpy() refuses, loudly
+                arr.numpy()
+        else:
+            assert arr.stype == "numpy.ndarray" and str(arr.numpy().dtype) == dtype
+    back = tc.decode(p.parse_fit(content).adapter, keys)
+    for k in keys:
+        assert back[k].dtype == torch.float32 and torch.equal(back[k], ref[k]), k
+    assert content["fit"]["wire_dtype"] == dtype
+    # payload_bytes (public count_bytes()): the tensor bytes, numpy headers and keys, and the config
+    assert t.nbytes - 16 < p.payload_bytes(_message(content)) < t.nbytes + 200 * len(keys) + 200
+
+
+def test_tensors_that_do_not_fit_the_model_are_refused_by_name():
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from mira.federated.flower import protocol as p
+
+    state = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+    keys = list(state)
+    tc = p.TensorCodec(state, "float16")
+    good = tc.encode(state, keys)
+    missing = p.Tensors("float16", {"a.lora_A.weight": good.arrays["a.lora_A.weight"]})
+    with pytest.raises(p.PayloadError, match=r"1 sent, 2 expected; 1 expected here are missing \(e.g. a.lora_B"):
+        tc.decode(missing, keys)
+    extra = p.Tensors("float16", {**good.arrays, "b.lora_A.weight": np.zeros((2, 2), np.float16)})
+    with pytest.raises(p.PayloadError, match="1 are not in this model's LoRA .e.g. b.lora_A.weight"):
+        tc.decode(extra, keys)
+    wrong = p.Tensors("float16", {**good.arrays, "a.lora_A.weight": np.zeros((4, 3), np.float16)})
+    with pytest.raises(p.PayloadError, match=r"a.lora_A.weight: shape \(4, 3\) on the wire, \(2, 3\)"):
+        tc.decode(wrong, keys)
+    with pytest.raises(p.PayloadError, match="float32/float16"):  # integers are not an adapter
+        p.from_record(ArrayRecord({"a": Array(np.zeros(3, np.int64))}))
+    with pytest.raises(p.PayloadError, match="unsupported Array stype"):
+        p.from_record(ArrayRecord({"a": Array(dtype="uint8", shape=(3,), stype="mira.wire", data=b"abc")}))
+    with pytest.raises(p.PayloadError, match="2 bytes a value"):
+        p.from_record(ArrayRecord({"a": Array(dtype="bfloat16", shape=(3,), stype=p.BF16_STYPE, data=b"abcd")}))
+    with pytest.raises(p.PayloadError, match="mix dtypes"):
+        p.from_record(ArrayRecord({"a": Array(np.zeros(3, np.float16)), "b": Array(np.zeros(3, np.float32))}))
 
 
 def test_node_config_is_checked():
@@ -151,3 +240,52 @@ def test_settings_from_run_config():
         RunSettings.from_run_config({"round-timeout": -1})
     with pytest.raises(MiraError):
         RunSettings.from_run_config({"node-wait": "soon"})
+
+
+def test_supervisor_restarts_with_bounded_backoff_and_stops_on_permanent_errors(capfd):
+    """``worker.supervise``: a SuperNode that exits is started again after 1, 2, 4, ... s (at most
+    ``BACKOFF_MAX``), logged; it gives up after ``max_restarts`` quick exits in a row; an exit code
+    no restart can fix (305: refused by the SuperLink) ends it at once."""
+    import time
+
+    from mira.federated.flower import worker
+
+    assert [worker.backoff(n) for n in (1, 2, 3, 4, 5, 6, 7, 20)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    t0 = time.monotonic()
+    assert worker.supervise(["sh", "-c", "echo started; exit 0"], max_restarts=2, base=0.05, cap=0.08) == 1
+    assert time.monotonic() - t0 < 5
+    err = capfd.readouterr()
+    assert err.out.count("started") == 3  # the first start and 2 restarts
+    assert "restart 1 of at most 2 in 0.1s" in err.err and "restart 2 of at most 2 in 0.1s" in err.err
+    assert "giving up after 2 restarts" in err.err
+    assert worker.supervise(["sh", "-c", "echo started; exit 305"], max_restarts=5, base=0.01) == 305 % 256
+    err = capfd.readouterr()
+    assert err.out.count("started") == 1 and "exit code 305: the SuperLink refused" in err.err
+    # Flower's SuperNode exits 1 for every error; mira's entry point writes the Flower code for the supervisor
+    assert worker.supervise(["sh", "-c", 'echo started; echo 305 > "$MIRA_SUPERNODE_STATUS"; exit 1'],
+                            max_restarts=5, base=0.01) == 1
+    err = capfd.readouterr()
+    assert err.out.count("started") == 1 and "exit code 305: the SuperLink refused" in err.err
+    assert "not restarting it" in err.err
+    assert worker.supervise(["sh", "-c", "exit 3"], max_restarts=0) == 3  # --max-restarts 0: never restart
+
+
+def test_supernode_cli_is_supervised_and_resume_takes_the_run_dir(tmp_path):
+    """``mira flower supernode`` runs the SuperNode under the supervisor, with ``mira flower local``'s
+    poll settings; ``mira flower run --resume RUN_DIR`` reads RUN_DIR's config."""
+    from typer.testing import CliRunner
+
+    from mira.federated.flower.cli import flower_app
+
+    runner = CliRunner()
+    node = ["supernode", "--partition-id", "0", "--num-partitions", "2", "--insecure", "--dry-run"]
+    r = runner.invoke(flower_app, node)
+    assert r.exit_code == 0, r.output
+    assert "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.3 " in r.output
+    assert "mira.federated.flower.worker --cold --max-restarts 10 -- " in r.output and "flower-supernode" in r.output
+    r = runner.invoke(flower_app, [*node, "--warm", "--max-restarts", "3"])
+    assert r.exit_code == 0 and "worker --max-restarts 3 -- " in r.output, r.output
+    r = runner.invoke(flower_app, ["run", "--resume", str(tmp_path / "nowhere"), "--insecure"])
+    assert isinstance(r.exception, MiraError) and "config.yaml not found" in str(r.exception), r.output
+    r = runner.invoke(flower_app, ["run", "--resume", str(tmp_path), "--out", str(tmp_path / "other"), "--insecure"])
+    assert isinstance(r.exception, MiraError) and "names another" in str(r.exception), r.output

@@ -1,4 +1,4 @@
-"""mira on Flower 1.41: the same strategies as the in-process engine, run across machines.
+"""mira on Flower (tested with flwr 1.42): the same strategies as the in-process engine, run across machines.
 
 ``server_app``/``client_app`` are the Flower components; ``server`` (``FlowerEngine``,
 ``Fleet``) drives the strategy; ``node`` (and ``worker`` for warm nodes) trains with

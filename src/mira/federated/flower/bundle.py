@@ -33,6 +33,12 @@ APP_NAME = "mira-federation"
 # when the virtual environment is not activated (e.g. under `make test`).
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
              "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+# Poll settings, the same for ``mira flower superlink``/``supernode`` and ``mira flower local``: a
+# SuperExec (the SuperNode's, which starts ClientApps, and the SuperLink's, which starts the
+# ServerApp) asks for new work every 0.3 s (Flower's default: 1 s).
+# The SuperNode's own idle poll (Flower: a fixed 3 s) is capped by mira's entry point
+# (``mira.federated.flower.supernode``, which the supervisor runs) at MIRA_SUPERNODE_POLL seconds.
+POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.3", "MIRA_SUPERNODE_POLL": "0.3"}
 
 
 def flower_bin(name: str) -> str:
@@ -42,7 +48,7 @@ def flower_bin(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if not found:
-        raise MiraError(f"{name} not found; install flwr (pip install 'flwr>=1.40,<1.50')")
+        raise MiraError(f"{name} not found; install flwr (pip install 'flwr>=1.42,<1.43', the tested version)")
     return found
 
 

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from mira.errors import MiraError
 from mira.federated.flower.settings import ROUND_TIMEOUT, STRAGGLER_TIMEOUT
+from mira.federated.flower.worker import BACKOFF_BASE, BACKOFF_MAX, MAX_RESTARTS
 
 console = Console()
 flower_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -134,7 +135,9 @@ def superlink_cmd(certs: Optional[Path] = typer.Option(None, "--certs", help="fo
         cmd.append("--enable-supernode-auth")
     if database:
         cmd += ["--database", database]
-    _exec(cmd, dry_run, {"MIRA_THREADS": os.environ.get("MIRA_THREADS", "1")})
+    from mira.federated.flower.bundle import POLL_ENV
+
+    _exec(cmd, dry_run, {"MIRA_THREADS": os.environ.get("MIRA_THREADS", "1"), **POLL_ENV})
 
 
 @flower_app.command("supernode")
@@ -152,8 +155,13 @@ def supernode_cmd(partition_id: int = typer.Option(..., "--partition-id", help="
                                                                 "SuperNode on a machine)"),
                   warm: bool = typer.Option(False, "--warm", help="keep the model loaded between messages "
                                                                   "(a worker process next to the SuperNode)"),
+                  max_restarts: int = typer.Option(MAX_RESTARTS, "--max-restarts", help="restart the SuperNode "
+                                                   "when it exits (e.g. after a SuperLink restart), with back-off "
+                                                   f"{BACKOFF_BASE:g}s, doubling, at most {BACKOFF_MAX:g}s; give up "
+                                                   f"after this many restarts in a row (0: never restart)"),
                   dry_run: bool = typer.Option(False, "--dry-run")):
-    """Start a Flower SuperNode holding client PARTITION_ID's data."""
+    """Start a Flower SuperNode holding client PARTITION_ID's data (supervised: restarted with back-off
+    when it exits, e.g. because its SuperLink restarted)."""
     from mira.federated.flower.bundle import flower_bin
 
     ca, insecure = _tls_args(certs, root_cert, insecure)
@@ -170,19 +178,26 @@ def supernode_cmd(partition_id: int = typer.Option(..., "--partition-id", help="
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
     if key is not None:
         cmd += ["--auth-supernode-private-key", str(key)]
-    env = {"MIRA_THREADS": os.environ.get("MIRA_THREADS", "1")}
-    if not warm:
-        _exec(cmd, dry_run, env)
-        return
-    console.print("$ " + shlex.join([sys.executable, "-m", "mira.federated.flower.worker", *cmd]), highlight=False,
-                  soft_wrap=True)
+    if max_restarts < 0:
+        raise MiraError("--max-restarts must be >= 0", where="--max-restarts")
+    from mira.federated.flower.bundle import POLL_ENV, QUIET_ENV
+
+    env = {"MIRA_THREADS": os.environ.get("MIRA_THREADS", "1"), **POLL_ENV}
+    opts = ([] if warm else ["--cold"]) + ["--max-restarts", str(max_restarts)]
+    console.print("$ " + " ".join(f"{k}={v}" for k, v in POLL_ENV.items()) + " "
+                  + shlex.join([sys.executable, "-m", "mira.federated.flower.worker", *opts, "--", *cmd]),
+                  highlight=False, soft_wrap=True)
     if dry_run:
         return
-    from mira.federated.flower.bundle import QUIET_ENV
+    from mira.federated.flower.node import check_superlink_transport
+
+    # Flower's SuperNode retries a transport mismatch (--insecure vs TLS) forever, silently: probe first
+    check_superlink_transport(superlink, insecure, str(ca) if ca else None,
+                              log=lambda m: console.print(f"note: {m}", highlight=False))
     from mira.federated.flower.worker import run
 
     os.environ.update({**QUIET_ENV, **env})
-    raise typer.Exit(run(cmd))
+    raise typer.Exit(run(cmd, warm=warm, max_restarts=max_restarts))
 
 
 @flower_app.command("register")
@@ -223,13 +238,29 @@ _CROSS_HELP = ("evaluation: send every node every client's adapter, to compute t
                "each client's personalised adapter to every node); default: each node gets only its own")
 
 
-def _load(config: Optional[Path], set_: List[str], resume: bool, out: Optional[Path]):
+_RESUME_HELP = ("continue the run in RUN_DIR (on the SuperLink's machine) from its last checkpoint, with its own "
+                "config.yaml (or CONFIG, when RUN_DIR is not readable here); the ServerApp refuses a changed config")
+
+
+def _resume_dir(resume: Optional[Path], out: Optional[Path]) -> Optional[Path]:
+    """``--resume RUN_DIR``: the run directory (``--out``, if given too, must be the same)."""
+    if resume is None:
+        return None
+    if out is not None and out.expanduser().resolve() != resume.expanduser().resolve():
+        raise MiraError(f"--resume {resume} continues that run directory; --out {out} names another",
+                        where="--resume")
+    return resume
+
+
+def _load(config: Optional[Path], set_: List[str], resume: Optional[Path], out: Optional[Path]):
     from mira.config import load_config
 
-    if resume:
-        if out is None or not (out / "config.yaml").exists():
-            raise MiraError("--resume needs --out pointing at the run directory (with config.yaml)", where="--resume")
-        config = out / "config.yaml"
+    if resume is not None and config is None:
+        if not (resume / "config.yaml").exists():
+            raise MiraError(f"{resume}/config.yaml not found: --resume RUN_DIR needs the run directory (on this "
+                            "machine), or the run's CONFIG as well when RUN_DIR is on the SuperLink's machine",
+                            where="--resume")
+        config = resume / "config.yaml"
     cfg, raw = load_config(config, set_)
     from mira.federated.flower.server import check_supported
 
@@ -284,16 +315,18 @@ def run_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as 
             min_clients: int = typer.Option(0, "--min-clients", help=_MIN_HELP),
             cross_eval: bool = typer.Option(False, "--cross-eval", help=_CROSS_HELP),
             node_wait: float = typer.Option(600.0, "--node-wait", help="seconds to wait for every client's SuperNode"),
-            resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
+            resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help=_RESUME_HELP),
             wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the run to finish"),
             timeout: float = typer.Option(24 * 3600.0, "--timeout", help="give up waiting after this many seconds")):
     """Submit a run to a SuperLink (`flwr run` with mira's app) and wait for it."""
     from mira.federated.flower import bundle
 
     ca, insecure = _tls_args(certs, root_cert, insecure)
+    out = _resume_dir(resume, out) or out
     cfg, raw = _load(config, set_, resume, out)
     out = out or Path("runs") / f"flower-{cfg.algorithm.name}"
-    settings = _settings(out, round_timeout, straggler_timeout, node_wait, resume, min_clients, cross_eval)
+    settings = _settings(out, round_timeout, straggler_timeout, node_wait, resume is not None, min_clients,
+                         cross_eval)
     link = bundle.SuperLinkAddress(superlink, str(ca) if ca else None, insecure).check()
     with tempfile.TemporaryDirectory(prefix="mira-flwr-") as tmp:
         home = bundle.write_cli_home(Path(tmp) / "home", link)
@@ -322,15 +355,16 @@ def app_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, as 
             min_clients: int = typer.Option(0, "--min-clients", help=_MIN_HELP),
             cross_eval: bool = typer.Option(False, "--cross-eval", help=_CROSS_HELP),
             node_wait: float = typer.Option(600.0, "--node-wait"),
-            resume: bool = typer.Option(False, "--resume")):
+            resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help=_RESUME_HELP)):
     """Write the Flower App for a config, to submit yourself with `flwr run APP_DIR <connection>`."""
     from mira.federated.flower import bundle
 
+    out = _resume_dir(resume, out) or out
     cfg, raw = _load(config, set_, resume, out)
     out = out or Path("runs") / f"flower-{cfg.algorithm.name}"
     app = bundle.write_app(app_dir, bundle.config_text(raw),
-                           _settings(out, round_timeout, straggler_timeout, node_wait, resume, min_clients,
-                                     cross_eval))
+                           _settings(out, round_timeout, straggler_timeout, node_wait, resume is not None,
+                                     min_clients, cross_eval))
     console.print(f"Flower App written to {app}/pyproject.toml; submit it with: flwr run {app} <connection> --stream")
 
 
@@ -361,7 +395,7 @@ def local_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config, a
     from mira.federated.flower import bundle
     from mira.federated.flower.launch import LocalFederation
 
-    cfg, raw = _load(config, set_, False, None)
+    cfg, raw = _load(config, set_, None, None)
     out = (out or Path("runs") / f"flower-{cfg.algorithm.name}").expanduser().resolve()
     k = _num_clients(cfg)
     settings = _settings(out, round_timeout, straggler_timeout, 600.0, False, min_clients, cross_eval)

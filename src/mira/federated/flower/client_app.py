@@ -58,19 +58,17 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train("mira_fit")
 def fit(msg: Message, context: Context) -> Message:
-    from dataclasses import asdict
-
-    from mira.federated.flower.protocol import fit_reply, parse_fit
+    from mira.federated.flower.protocol import fit_reply, parse_fit, task_fields
 
     t0 = time.perf_counter()
     task = parse_fit(msg.content)
-    answer = _worker(context, "fit", task=asdict(task))
+    answer = _worker(context, "fit", task=task_fields(task))
     if answer is None:
-        buf, metrics = _runtime(context).fit(task)
-    else:
-        buf, metrics = answer["buf"], answer["metrics"]
+        tensors, metrics = _runtime(context).fit(task)
+    else:  # the worker's answer keeps its historical key names ("buf", "bufs"): the values are Tensors
+        tensors, metrics = answer["buf"], answer["metrics"]
     _log(context, f"fit round {task.rnd}", t0, answer is not None)
-    return Message(fit_reply(buf, metrics), reply_to=msg)
+    return Message(fit_reply(tensors, metrics), reply_to=msg)
 
 
 def _secaggplus(msg: Message, context: Context, call_next) -> Message:
@@ -86,13 +84,12 @@ def secagg_fit(msg: Message, context: Context) -> Message:
     ``SecAggPlusWorkflow`` sends plain ``train`` messages; ``secaggplus_mod`` answers its key
     stages itself and calls this only in the masked-vector stage, with a legacy ``FitIns``. The
     reply is a legacy ``FitRes``, which the mod quantises and masks before it leaves the node."""
-    from dataclasses import asdict
-
+    from mira.federated.flower.protocol import task_fields
     from mira.federated.flower.secagg import legacy_fit_reply, parse_legacy_fit
 
     t0 = time.perf_counter()
     task, arrays, cfg = parse_legacy_fit(msg.content)
-    answer = _worker(context, "fit_arrays", task=asdict(task), arrays=arrays)
+    answer = _worker(context, "fit_arrays", task=task_fields(task), arrays=arrays)
     if answer is None:
         new, metrics = _runtime(context).fit_arrays(task, arrays)
     else:
@@ -106,10 +103,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     from mira.federated.flower.protocol import eval_reply, parse_eval
 
     t0 = time.perf_counter()
-    bufs, own, rnd = parse_eval(msg.content)
-    answer = _worker(context, "eval", bufs=bufs, own=own)
+    adapters, own, rnd = parse_eval(msg.content)
+    answer = _worker(context, "eval", bufs=adapters, own=own)
     if answer is None:
-        losses, tokens, extra = _runtime(context).evaluate(bufs, own)
+        losses, tokens, extra = _runtime(context).evaluate(adapters, own)
     else:
         losses, tokens, extra = answer["losses"], answer["tokens"], answer["extra"]
     _log(context, f"evaluate round {rnd}", t0, answer is not None)

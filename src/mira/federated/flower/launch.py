@@ -75,13 +75,17 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    offset: int = 0  # where this start's output begins in ``log`` (a restart appends to it)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def text(self) -> str:
+    def text(self, since_start: bool = False) -> str:
+        """The log (with ``since_start``: only what this start of the process wrote)."""
         try:
-            return self.log.read_text(errors="replace")
+            with open(self.log, "rb") as f:
+                f.seek(self.offset if since_start else 0)
+                return f.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -120,7 +124,7 @@ class LocalFederation:
                                 where="keys_dir")
         self.cli_home = self.workdir / "flwr_cli"
         self.base_env = {**os.environ, **bundle.QUIET_ENV, TAG: self.tag, "PYTHONUNBUFFERED": "1",
-                         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.3", **self.env}
+                         **bundle.POLL_ENV, **self.env}
         self.base_env.setdefault("MIRA_THREADS", "1")
         self._serverapp_seen = False
         self.registered: dict[int, int] = {}  # node index -> Flower node id (with auth)
@@ -143,9 +147,10 @@ class LocalFederation:
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
+            offset = fh.tell()
             popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**self.base_env, "FLWR_HOME": str(home)}, start_new_session=True)
-        proc = self.procs[name] = Proc(name, popen, log)
+        proc = self.procs[name] = Proc(name, popen, log, offset)
         return proc
 
     def start_superlink(self, timeout: float = 120) -> Proc:
@@ -160,9 +165,9 @@ class LocalFederation:
             cmd += ["--enable-supernode-auth"]
         proc = self._start("superlink", cmd, self.workdir / "flwr_superlink")
         t0 = time.monotonic()
-        while "Application startup complete" not in proc.text():
+        while "Application startup complete" not in proc.text(since_start=True):
             if not proc.alive():
-                raise MiraError(f"the SuperLink exited: {proc.text()[-800:]}")
+                raise MiraError(f"the SuperLink exited: {proc.text(since_start=True)[-800:]}")
             if time.monotonic() - t0 > timeout:
                 raise MiraError(f"the SuperLink did not start within {timeout:.0f}s")
             time.sleep(0.2)
@@ -181,8 +186,11 @@ class LocalFederation:
         return key
 
     def start_supernode(self, i: int, num_partitions: int, data_path: str | None = None,
-                        key: Path | None = None, name: str | None = None, warm: bool = False) -> Proc:
-        """SuperNode for client ``i``; ``warm``: behind a worker that keeps the model loaded."""
+                        key: Path | None = None, name: str | None = None, warm: bool = False,
+                        supervised: bool = True, max_restarts: int | None = None) -> Proc:
+        """SuperNode for client ``i``; ``warm``: behind a worker that keeps the model loaded;
+        ``supervised`` (default; always with ``warm``): restarted with back-off when it exits
+        (``worker.supervise``), as ``mira flower supernode`` does."""
         name = name or f"supernode_{i}"
         if self.auth and key is None:
             key = self.node_key(i)
@@ -194,8 +202,11 @@ class LocalFederation:
         cmd += ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
-        if warm:
-            cmd = [sys.executable, "-m", "mira.federated.flower.worker", *cmd]
+        if warm or supervised:
+            opts = [] if warm else ["--cold"]
+            if max_restarts is not None:
+                opts += ["--max-restarts", str(max_restarts)]
+            cmd = [sys.executable, "-m", "mira.federated.flower.worker", *opts, "--", *cmd]
         return self._start(name, cmd, self.workdir / f"flwr_{name}")
 
     def start_supernodes(self, n: int, warm: bool | list[bool] = False) -> list[Proc]:
@@ -221,6 +232,27 @@ class LocalFederation:
             proc.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+
+    def crash_superlink(self) -> None:
+        """SIGKILL the SuperLink and everything it started (SuperExec, ServerApp), as when its
+        machine goes down; the SuperNodes stay. ``start_superlink()`` starts it again (same port)."""
+        self.kill("superlink", signal.SIGKILL)
+        nodes = {p.popen.pid for n, p in self.procs.items() if n != "superlink"}
+        deadline = time.monotonic() + 10.0
+        while True:
+            rest = []
+            for pid in tagged_pids(self.tag):
+                try:
+                    if os.getpgid(pid) not in nodes:
+                        os.kill(pid, signal.SIGKILL)
+                        rest.append(pid)
+                except ProcessLookupError:
+                    pass
+            if not rest:
+                return
+            if time.monotonic() > deadline:
+                raise MiraError(f"SuperLink-side processes survived SIGKILL: {rest}")
+            time.sleep(0.1)
 
     def group_pids(self, name: str) -> list[int]:
         """Live tagged processes in ``name``'s process group (e.g. its running ClientApp)."""

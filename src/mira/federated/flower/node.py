@@ -17,7 +17,7 @@ A SuperNode says which client it is through Flower's node configuration::
 
 Only counts (``n_train``/``n_test``), adapter tensors and losses leave the node.
 
-Flower 1.41 starts a new ClientApp process for every message, so by default each
+Flower (1.41, 1.42) starts a new ClientApp process for every message, so by default each
 ``fit``/``evaluate`` loads the model afresh (``NodeRuntime``); a warm worker keeps one
 ``NodeRuntime`` per run instead. Both run the same code below.
 """
@@ -137,7 +137,7 @@ class NodeRuntime:
     def __init__(self, cfg: RunConfig, spec: NodeSpec):
         from mira.data.report import tokenize_clients
         from mira.federated.engine import train_settings
-        from mira.federated.wire import WireCodec
+        from mira.federated.flower.protocol import TensorCodec
         from mira.train.trainer import LocalTrainer
 
         self.cfg, self.spec = cfg, spec
@@ -149,8 +149,8 @@ class NodeRuntime:
         for line in log_lines(self.data_report):  # stays on this node, with its data
             logging.getLogger("mira").info(line)
         self.trainer = LocalTrainer(self.slot, self.tokenizer.pad_token_id, train_settings(cfg))
-        self.codec = WireCodec(self.slot.initial_state, cfg.federation.wire_dtype)
-        self.lossless = WireCodec(self.slot.initial_state, "float32")
+        self.codec = TensorCodec(self.slot.initial_state, cfg.federation.wire_dtype)
+        self.lossless = TensorCodec(self.slot.initial_state, "float32")
         self.keys = self.slot.keys()
 
     def wire_keys(self, keys: list[str]) -> list[str]:
@@ -167,10 +167,12 @@ class NodeRuntime:
         return new, {"n_train": len(self.train), "train_loss": float(res.loss), "prox_term": float(res.prox_term),
                      "steps": int(res.steps), "tokens": int(res.tokens), "step_time_s": float(res.step_time_s)}
 
-    def fit(self, task) -> tuple[bytes, dict]:
+    def fit(self, task) -> tuple[object, dict]:
+        """Train from ``task.adapter`` (``protocol.Tensors``, checked against this node's model);
+        returns the trained tensors at the wire dtype and the metrics."""
         keys = self.wire_keys(task.keys)
         codec = self.lossless if task.lossless else self.codec
-        adapter = codec.decode(task.buf, keys)
+        adapter = codec.decode(task.adapter, keys)
         new, metrics = self._train(adapter, task)
         return codec.encode(new, keys), metrics
 
@@ -195,14 +197,14 @@ class NodeRuntime:
         up = codec.decode(codec.encode(new, keys), keys)
         return [up[k].detach().cpu().double().numpy() for k in keys], metrics
 
-    def evaluate(self, bufs: list[bytes], own: int) -> tuple[list[float], int, dict]:
+    def evaluate(self, adapters: list, own: int) -> tuple[list[float], int, dict]:
         from mira.eval.metrics import eval_loss, generate, generation_metrics
 
         ev = self.cfg.eval
         pad = self.tokenizer.pad_token_id
         losses, tokens, extra = [], 0, {}
-        for i, buf in enumerate(bufs):
-            adapter = self.lossless.decode(buf, self.keys)
+        for i, tensors in enumerate(adapters):
+            adapter = self.lossless.decode(tensors, self.keys)
             self.slot.set(adapter)
             loss, tokens = eval_loss(self.slot.model, self.test, pad, ev.batch_size)
             losses.append(loss)
@@ -211,3 +213,78 @@ class NodeRuntime:
                 refs = [r.output for r in self.test.records[: len(preds)]]
                 extra.update(generation_metrics(preds, refs))
         return losses, tokens, extra
+
+
+# -- before a SuperNode starts: does the SuperLink speak what the node will? -----------------------
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise MiraError(f"expected HOST:PORT, got {address!r}", where="--superlink")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def probe_tls(address: str, timeout: float = 3.0, ca: str | None = None) -> str:
+    """One TLS handshake attempt with the SuperLink's Fleet API at ``address`` (``HOST:PORT``).
+
+    Returns ``"tls"`` (it completed a TLS handshake), ``"plain"`` (it answered, but not with
+    TLS: a plain-text gRPC server), ``"untrusted: <why>"`` (TLS, but its certificate does not
+    verify against ``ca`` for that host, as gRPC would check it) or ``"unreachable: <why>"``."""
+    import socket
+    import ssl
+
+    host, port = _split_address(address)
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        return f"unreachable: {e.strerror or e}"
+    with raw:
+        raw.settimeout(timeout)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ca:
+            ctx.load_verify_locations(cafile=ca)
+        else:  # only "does it speak TLS at all?"
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.set_alpn_protocols(["h2"])
+        try:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return "tls"
+        except ssl.SSLCertVerificationError as e:
+            return f"untrusted: {e.verify_message or e.reason}"
+        except (ssl.SSLError, ConnectionError, EOFError, socket.timeout) as e:
+            # a plain-text HTTP/2 server reads the ClientHello as a bad preface and answers in
+            # clear (or hangs up): no TLS record ever comes back
+            return f"plain ({type(e).__name__})"
+        except OSError as e:
+            return f"unreachable: {e.strerror or e}"
+
+
+def check_superlink_transport(address: str, insecure: bool, ca: str | None, tries: int = 10,
+                              interval: float = 1.0, timeout: float = 3.0, log=None) -> str:
+    """Refuse to start a SuperNode whose transport the SuperLink at ``address`` does not speak:
+    Flower's SuperNode would otherwise retry the connection without end and without a word.
+
+    Probes up to ``tries`` times, ``interval`` seconds apart, while the SuperLink is not
+    reachable (it may still be starting); a SuperLink that stays unreachable is not an error
+    here (the SuperNode keeps trying, as Flower does). Returns the last probe's answer."""
+    import time
+
+    for i in range(max(1, tries)):
+        seen = probe_tls(address, timeout=timeout, ca=None if insecure else ca)
+        if not seen.startswith("unreachable"):
+            break
+        if i + 1 < tries:
+            time.sleep(interval)
+    if insecure and seen == "tls":
+        raise MiraError(f"the SuperLink at {address} speaks TLS; start the node with --root-cert CA.crt (or --certs "
+                        f"DIR with ca.crt), not --insecure", where="--insecure")
+    if not insecure and seen.startswith("plain"):
+        raise MiraError(f"the SuperLink at {address} does not speak TLS (it was started with --insecure); start the "
+                        f"node with --insecure, or the SuperLink with --certs", where="--root-cert")
+    if not insecure and seen.startswith("untrusted"):
+        raise MiraError(f"the SuperLink at {address} speaks TLS but its certificate does not verify against {ca} "
+                        f"({seen.split(': ', 1)[1]}); give the CA that signed the SuperLink's certificate",
+                        where="--root-cert")
+    if seen.startswith("unreachable") and log is not None:
+        log(f"the SuperLink at {address} is not reachable yet ({seen.split(': ', 1)[1]}); starting the SuperNode, "
+            f"which keeps trying")
+    return seen

@@ -155,7 +155,7 @@ def task_config(task, max_weight: float, clipping_range: float) -> dict:
     """The ``FitIns.config`` of a SecAgg round: Flower's legacy config holds scalars only, so the
     task travels as JSON (everything but the adapter, which is the ``FitIns.parameters``)."""
     d = asdict(task)
-    d.pop("buf")
+    d.pop("adapter")
     return {FIT_KEY: json.dumps(d), "mira.max_weight": float(max_weight), "mira.clipping_range": float(clipping_range)}
 
 
@@ -168,7 +168,7 @@ def parse_legacy_fit(content):
 
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     cfg = dict(fitins.config)
-    task = FitTask(buf=b"", **json.loads(str(cfg[FIT_KEY])))
+    task = FitTask(adapter=None, **json.loads(str(cfg[FIT_KEY])))
     return task, parameters_to_ndarrays(fitins.parameters), cfg
 
 
@@ -343,12 +343,12 @@ def secagg_round(engine, rnd: int, progress) -> dict:
         if node is None or node not in online:
             failed_why[cid] = "its SuperNode is not connected"
             continue
-        buf = codec.encode(ins.adapter, keys)
-        nbytes = len(buf)
+        wire = codec.encode(ins.adapter, keys)
+        nbytes = wire.nbytes
         engine.bytes_down += nbytes
-        down = codec.decode(buf, keys)  # what the client starts from: the adapter at federation.wire_dtype
+        down = codec.decode(wire, keys)  # what the client starts from: the adapter at federation.wire_dtype
         start = start or {k: ins.adapter[k] for k in keys}
-        task = FitTask(b"", rnd, derive_seed(cfg.seed, rnd, cid), ins.prox_mu, sorted(ins.frozen),
+        task = FitTask(None, rnd, derive_seed(cfg.seed, rnd, cid), ins.prox_mu, sorted(ins.frozen),
                        [] if keys == all_keys else keys, lossless=not strategy.exchanges,
                        step_scale=int(getattr(ins, "step_scale", 1)))
         arrays = [down[k].detach().cpu().float().numpy() for k in keys]

@@ -289,7 +289,7 @@ def flower_engine_class():
     """``FlowerEngine`` (built on first use: importing the engine pulls in torch)."""
     from mira.federated.engine import Engine, derive_seed
     from mira.federated.strategies import FitRes
-    from mira.federated.wire import WireCodec, WireError
+    from mira.federated.wire import WireError
     from mira.models.adapters import all_finite
 
     class FlowerEngine(Engine):
@@ -306,7 +306,11 @@ def flower_engine_class():
 
                 self.secagg = SecAggPlan.build(cfg.privacy.secure_aggregation, [len(d) for d in ws.train],
                                                self.per_round)
-            self.lossless = WireCodec(ws.slot.initial_state, "float32")
+            # adapters travel as named tensors (protocol.TensorCodec: WireCodec's casts and byte counts)
+            from mira.federated.flower.protocol import TensorCodec
+
+            self.codec = TensorCodec(ws.slot.initial_state, cfg.federation.wire_dtype)
+            self.lossless = TensorCodec(ws.slot.initial_state, "float32")
             self.failed: list[dict] = []
             self.flower = {"fit_bytes_down": 0, "fit_bytes_up": 0, "fit_messages": 0,
                            "eval_bytes_down": 0, "eval_bytes_up": 0, "eval_messages": 0}
@@ -364,7 +368,7 @@ def flower_engine_class():
                 proximal = proximal or ins.prox_mu > 0
                 buf = codec.encode(ins.adapter, keys)
                 if exchanges:
-                    self.bytes_down += len(buf)
+                    self.bytes_down += buf.nbytes
                 contents[cid] = fit_content(FitTask(buf, rnd, derive_seed(self.cfg.seed, rnd, cid), ins.prox_mu,
                                                     sorted(ins.frozen), [] if keys == all_keys else keys,
                                                     lossless=not exchanges,
@@ -389,7 +393,7 @@ def flower_engine_class():
                     say(f"round {rnd}: client {cid} left out: {e}")
                     continue
                 if exchanges:
-                    self.bytes_up += len(buf)
+                    self.bytes_up += buf.nbytes
                 up[cid] = r.bytes_up
                 step_time += float(m.get("step_time_s", 0.0))
                 tokens += int(m.get("tokens", 0))

@@ -14,6 +14,10 @@ to the worker over a private Unix socket (``multiprocessing.connection`` with a 
 The worker runs exactly the ``NodeRuntime`` code a cold ClientApp runs; the Flower
 side (SuperNode, TLS, authentication, messages) is unchanged. Stopping the worker
 process (SIGTERM/SIGINT) stops its SuperNode.
+
+The same process supervises the SuperNode (``supervise``; ``--cold`` for the supervisor
+alone): when the SuperNode exits (e.g. its SuperLink was restarted and no longer knows
+it), it is started again with bounded, logged back-off.
 """
 from __future__ import annotations
 
@@ -148,12 +152,110 @@ def with_worker(node_config: str, address: str) -> str:
     return f'{node_config} worker="{address}"'.strip()
 
 
-def run(supernode_cmd: list[str]) -> int:
-    """Start the worker, then ``supernode_cmd`` (a ``flower-supernode`` command line whose
-    ``--node-config`` gets ``worker=<socket>``); return its exit code."""
+# -- the node supervisor: restart the SuperNode when it exits, with bounded back-off ----------
+# A SuperNode that loses its SuperLink retries the connection itself (Flower's own back-off,
+# at most 20 s between tries, logged "Connection attempt failed, retrying in ..."). But a
+# restarted SuperLink (in-memory state) no longer knows the node's id: Flower 1.42's SuperNode
+# then exits with code 0 ("SuperNode terminated gracefully") within seconds and nothing
+# resumes. The supervisor starts it again, waiting BACKOFF_BASE * 2**n seconds (at most
+# BACKOFF_MAX) after the n-th quick exit in a row, and gives up after ``max_restarts``
+# restarts in a row that did not stay up HEALTHY_S seconds. Exit codes that no restart can
+# fix (a key the SuperLink refuses, TLS without a matching CA, node auth on plain text) end it.
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 30.0
+HEALTHY_S = 60.0
+MAX_RESTARTS = 10
+# Flower's exit codes (``flwr.supercore.exit.ExitCode``) as a process sees them: modulo 256.
+PERMANENT = {302 % 256: "Flower exit code 302: the node's auth key is invalid",
+             303 % 256: "Flower exit code 303: node authentication needs TLS",
+             304 % 256: "Flower exit code 304: the trusted-entities file is invalid",
+             305 % 256: "Flower exit code 305: the SuperLink refused the connection (an unregistered key, or a "
+                        "TLS/CA mismatch)"}
+
+
+def _say(msg: str) -> None:
+    import time
+
+    print(f"[mira supervisor {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def backoff(n: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) -> float:
+    """Seconds to wait before the restart that follows the ``n``-th quick exit in a row (n >= 1)."""
+    return min(cap, base * 2 ** max(0, n - 1))
+
+
+def supervise(cmd: list[str], max_restarts: int = MAX_RESTARTS, base: float = BACKOFF_BASE,
+              cap: float = BACKOFF_MAX, healthy_s: float = HEALTHY_S, env: dict | None = None) -> int:
+    """Run ``cmd`` (a ``flower-supernode`` command line) until told to stop (SIGTERM/SIGINT, passed
+    on to it), restarting it when it exits (see above); returns its last exit code."""
+    import time
+
+    stop = threading.Event()
+    state: dict = {"child": None}
+    tag = os.environ.get("MIRA_FLOWER_TAG", "")[:12]
+    status_dir = tempfile.mkdtemp(prefix=f"mira-worker-{tag}-" if tag else "mira-worker-")
+    status_file = os.path.join(status_dir, "flower-exit-code")
+    env = {**(os.environ if env is None else env), "MIRA_SUPERNODE_STATUS": status_file}
+
+    def on_signal(signum, frame):
+        stop.set()
+        child = state["child"]
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    quick = 0  # exits in a row that came sooner than healthy_s after the start
+    try:
+        while True:
+            t0 = time.monotonic()
+            try:
+                os.unlink(status_file)
+            except OSError:
+                pass
+            child = state["child"] = subprocess.Popen(cmd, env=env)
+            rc = child.wait()
+            if stop.is_set():
+                return rc
+            ran = time.monotonic() - t0
+            try:  # the Flower exit code (the process exits 1 for all of them), from mira's entry point
+                with open(status_file) as f:
+                    flower_code = int(f.read().strip()) % 256
+            except (OSError, ValueError):
+                flower_code = rc
+            if flower_code in PERMANENT:
+                _say(f"the SuperNode exited with code {rc}: {PERMANENT[flower_code]}; not restarting it")
+                return rc or 1
+            quick = quick + 1 if ran < healthy_s else 1
+            if quick > max_restarts:
+                _say(f"the SuperNode exited {quick} times in a row within {healthy_s:g}s of starting (last code "
+                     f"{rc}); giving up after {max_restarts} restarts")
+                return rc or 1
+            wait = backoff(quick, base, cap)
+            _say(f"the SuperNode exited with code {rc} after {ran:.1f}s (the SuperLink restarted or dropped it); "
+                 f"restart {quick} of at most {max_restarts} in {wait:.1f}s")
+            if stop.wait(wait):
+                return rc
+    finally:
+        child = state["child"]
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        import shutil
+
+        shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def run(supernode_cmd: list[str], warm: bool = True, max_restarts: int = MAX_RESTARTS) -> int:
+    """Start the worker (``warm``), then ``supernode_cmd`` (a ``flower-supernode`` command line whose
+    ``--node-config`` gets ``worker=<socket>``) under the supervisor; return its exit code."""
     cmd = list(supernode_cmd)
     if "--node-config" not in cmd:
         raise MiraError("the SuperNode command has no --node-config", where="--node-config")
+    if os.path.basename(cmd[0]) == "flower-supernode":  # the same main, with the idle poll capped
+        cmd = [sys.executable, "-m", "mira.federated.flower.supernode", *cmd[1:]]
+    if not warm:
+        return supervise(cmd, max_restarts)
     tag = os.environ.get("MIRA_FLOWER_TAG", "")[:12]  # set by LocalFederation, which removes leftovers
     sock_dir = tempfile.mkdtemp(prefix=f"mira-worker-{tag}-" if tag else "mira-worker-")
     address = os.path.join(sock_dir, "worker.sock")
@@ -162,19 +264,34 @@ def run(supernode_cmd: list[str]) -> int:
     threading.Thread(target=_preload, daemon=True).start()
     i = cmd.index("--node-config") + 1
     cmd[i] = with_worker(cmd[i], address)
-    child = subprocess.Popen(cmd)
+    env, forks = None, None
+    if os.environ.get("MIRA_FORKSERVER_OFF", "") not in ("1", "true"):  # ClientApps forked from a warm process
+        from mira.federated.flower import forkserver
+        from mira.federated.flower.bundle import flower_bin
 
-    def stop(signum, frame):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+        shim_dir = os.path.join(sock_dir, "bin")
+        os.mkdir(shim_dir, 0o700)
+        forkserver.write_shim(shim_dir, flower_bin("flwr-clientapp"))
+        fs_address = os.path.join(sock_dir, "fork.sock")
+        forks = subprocess.Popen([sys.executable, "-m", "mira.federated.flower.forkserver", fs_address])
+        env = {**os.environ, forkserver.ENV: fs_address, forkserver.REAL: flower_bin("flwr-clientapp"),
+               "PATH": os.pathsep.join([shim_dir, os.environ.get("PATH", "")])}
     try:
-        return child.wait()
+        return supervise(cmd, max_restarts, env=env)
     finally:
-        if child.poll() is None:
-            child.kill()
+        if forks is not None:
+            forks.terminate()
+            try:
+                forks.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                forks.kill()
+            import shutil
+
+            shutil.rmtree(os.path.join(sock_dir, "bin"), ignore_errors=True)
+            try:
+                os.unlink(os.path.join(sock_dir, "fork.sock"))
+            except OSError:
+                pass
         worker.close()
         try:
             os.unlink(_key_path(address))
@@ -187,15 +304,32 @@ def run(supernode_cmd: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mira.federated.flower.worker flower-supernode ARGS...``"""
+    """``python -m mira.federated.flower.worker [--cold] [--max-restarts N] [--] flower-supernode ARGS...``
+
+    ``--cold``: only the supervisor (no warm worker; each message loads the model afresh)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    warm, max_restarts = True, MAX_RESTARTS
+    while argv and argv[0].startswith("--"):
+        opt = argv.pop(0)
+        if opt == "--":
+            break
+        if opt == "--cold":
+            warm = False
+        elif opt == "--max-restarts" and argv:
+            try:
+                max_restarts = int(argv.pop(0))
+            except ValueError:
+                argv = []
+                break
+        else:
+            argv = []
+            break
     if not argv:
-        print("usage: python -m mira.federated.flower.worker flower-supernode [ARGS...]", file=sys.stderr)
+        print("usage: python -m mira.federated.flower.worker [--cold] [--max-restarts N] [--] "
+              "flower-supernode [ARGS...]", file=sys.stderr)
         return 2
     try:
-        return run(argv)
+        return run(argv, warm=warm, max_restarts=max_restarts)
     except MiraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,83 @@
+"""A SuperNode started with the wrong transport for its SuperLink (``--insecure`` against TLS,
+TLS against a plain-text SuperLink, or a CA that did not sign the SuperLink's certificate)
+would retry without end and without a word (Flower's SuperNode does); ``mira flower supernode``
+probes the SuperLink first and stops with one line. Real SuperLinks on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+
+def _node(fed, *args: str, timeout: float = 90) -> tuple[int, str]:
+    """``mira flower supernode`` against ``fed``'s SuperLink; returns (exit code, output)."""
+    from mira.federated.flower.launch import TAG
+
+    cmd = [sys.executable, "-m", "mira", "flower", "supernode", "--partition-id", "0", "--num-partitions", "1",
+           "--superlink", fed.address.address, *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env={**os.environ, TAG: fed.tag, "COLUMNS": "400"})
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the group we started: the node hung, as Flower's does
+        out, _ = p.communicate()
+        pytest.fail(f"the node did not stop within {timeout:.0f}s: {out[-2000:]}")
+    return p.returncode, out
+
+
+def _error_line(out: str) -> str:
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_an_insecure_node_against_a_tls_superlink_stops_with_one_line(federations, tmp_path):
+    from mira.federated.flower.certs import generate_ca_and_server
+
+    fed = federations(tls=True)
+    fed.start_superlink()
+    rc, out = _node(fed, "--insecure")
+    assert rc == 2, out
+    line = _error_line(out)
+    assert f"the SuperLink at {fed.address.address} speaks TLS" in line and "--root-cert" in line, line
+    assert "not --insecure" in line
+
+    other = tmp_path / "other_ca"  # a CA that did not sign this SuperLink's certificate
+    generate_ca_and_server(other)
+    rc, out = _node(fed, "--root-cert", str(other / "ca.crt"))
+    assert rc == 2, out
+    line = _error_line(out)
+    assert "speaks TLS but its certificate does not verify against" in line, line
+
+
+def test_a_tls_node_against_a_plain_text_superlink_stops_with_one_line(federations, tmp_path):
+    from mira.federated.flower.certs import generate_ca_and_server
+
+    fed = federations()  # --insecure SuperLink
+    fed.start_superlink()
+    ca = tmp_path / "ca"
+    generate_ca_and_server(ca)
+    rc, out = _node(fed, "--root-cert", str(ca / "ca.crt"))
+    assert rc == 2, out
+    line = _error_line(out)
+    assert f"the SuperLink at {fed.address.address} does not speak TLS" in line and "--insecure" in line, line
+
+
+def test_the_probe_answers(federations):
+    """``probe_tls`` on both kinds of SuperLink, and on a closed port."""
+    from mira.federated.flower.launch import free_port
+    from mira.federated.flower.node import check_superlink_transport, probe_tls
+
+    fed = federations(tls=True)
+    fed.start_superlink()
+    assert probe_tls(fed.address.address) == "tls"
+    assert probe_tls(fed.address.address, ca=str(fed.certs / "ca.crt")) == "tls"  # verifies, host 127.0.0.1
+    closed = f"127.0.0.1:{free_port()}"
+    assert probe_tls(closed).startswith("unreachable")
+    notes: list[str] = []
+    assert check_superlink_transport(closed, True, None, tries=2, interval=0.1, log=notes.append).startswith("unr")
+    assert len(notes) == 1 and "not reachable yet" in notes[0]  # not an error: it may still be starting
