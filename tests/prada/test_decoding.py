@@ -19,7 +19,7 @@ def run(mode, client, pair, tokenizer, prompt, **settings):
 
 
 def test_both_decoders_are_registered_by_name():
-    assert set(DECODERS) == {"per-token", "speculative"}
+    assert set(DECODERS) == {"per-token", "speculative", "session"}
     with pytest.raises(PradaError, match="unknown mode"):
         make_decoder("beam", None, None, None)
 

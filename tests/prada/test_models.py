@@ -65,3 +65,30 @@ def test_build_models_on_tiny_inputs(zoo, tmp_path):
     assert toks[0].get_vocab() == toks[1].get_vocab()
     for name in ("target", "proxy"):
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / name).config.vocab_size == 200
+
+
+def test_shrink_llama_keeps_the_chosen_layers_and_the_vocabulary():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mira.errors import MiraError
+    from mira.prada.models import shrink_llama
+
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
+                                       num_attention_heads=2, num_key_value_heads=1,
+                                       max_position_embeddings=32)).eval()
+    small = shrink_llama(src, keep_first=2, keep_last=1)
+    assert small.config.num_hidden_layers == 3 and small.config.vocab_size == 64
+    assert src.config.num_hidden_layers == 5  # the source is untouched
+    for slot, layer in zip((0, 1, 4), small.model.layers):
+        assert torch.equal(layer.mlp.down_proj.weight, src.model.layers[slot].mlp.down_proj.weight)
+    assert torch.equal(small.model.embed_tokens.weight, src.model.embed_tokens.weight)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        full = small(ids).logits[0, -1]
+        out = small(ids[:, :3], use_cache=True)
+        out = small(ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True)
+        out = small(ids[:, 4:], past_key_values=out.past_key_values, use_cache=True)
+    assert float((out.logits[0, -1] - full).abs().max()) < 1e-5  # the KV cache works on the kept layers
+    with pytest.raises(MiraError):
+        shrink_llama(src, keep_first=4, keep_last=1)

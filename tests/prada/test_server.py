@@ -27,7 +27,7 @@ def test_health_needs_no_key_and_shows_only_public_facts(server):
     assert r.status_code == 200
     body = r.json()
     assert set(body) == {"status", "model_type", "vocab_size", "context_length", "eos_token_ids", "max_batch",
-                         "max_draft"}
+                         "max_draft", "sessions", "session_ttl", "max_sessions_per_key"}
     assert body["context_length"] == CONTEXT and body["max_draft"] == 32 and body["max_batch"] == 4
 
 

@@ -1,8 +1,9 @@
-"""``mira serve`` (the black-box provider) and ``mira proxy {build-models,train,generate}`` (the device)."""
+"""``mira serve`` (the black-box provider) and ``mira proxy {build-models,shrink,train,generate}`` (the device)."""
 from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import typer
@@ -42,12 +43,19 @@ def serve_cmd(model_dir: str = typer.Argument(..., help="Hugging Face model fold
               max_concurrent: int = typer.Option(4, "--max-concurrent",
                                                  help="requests in flight per API key (more get 429)"),
               body_timeout: float = typer.Option(2.0, "--body-timeout", help="seconds to receive a request body"),
+              session_ttl: float = typer.Option(300.0, "--session-ttl", help="idle seconds before a session is dropped"),
+              max_sessions: int = typer.Option(64, "--max-sessions", help="sessions kept in all"),
+              max_sessions_per_key: int = typer.Option(8, "--max-sessions-per-key"),
+              max_session_mb: float = typer.Option(512.0, "--max-session-mb",
+                                                   help="MiB of KV cache for all sessions together"),
               dtype: str = typer.Option("float32", "--dtype")):
     """Serve a causal LM as a black box: next-token scores and drafts over HTTP, never weights."""
     from mira.prada.server import ServerLimits, serve
 
     limits = ServerLimits(max_batch=max_batch, max_draft=max_draft, max_body_bytes=max_body_bytes,
-                          max_depth=max_depth, max_concurrent=max_concurrent, body_timeout=body_timeout)
+                          max_depth=max_depth, max_concurrent=max_concurrent, body_timeout=body_timeout,
+                          session_ttl=session_ttl, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
+                          max_session_bytes=int(max_session_mb * (1 << 20)))
     serve(model_dir, host=host, port=port, key_env=api_key_env, limits=limits, dtype=dtype,
           log=lambda m: console.print(m, highlight=False))
 
@@ -77,6 +85,40 @@ def build_models_cmd(source: str = typer.Option(..., "--source", help="small pre
     report = build_models(source, stories, dolly, out, settings, log=lambda m: console.print(m, highlight=False))
     console.print(f"built {out}/target ({report['target']['parameters']:,} parameters) and {out}/proxy "
                   f"({report['proxy']['parameters']:,}) in {report['seconds']:.0f}s; report: {out}/build.json")
+
+
+# -- mira proxy shrink ----------------------------------------------------------------------
+@proxy_app.command("shrink")
+def shrink_cmd(source: str = typer.Option(..., "--source", help="a Llama folder or alias (e.g. smollm2-135m-instruct)"),
+               out: Path = typer.Option(..., "--out", "-o", help="proxy folder to write"),
+               keep_first: int = typer.Option(4, "--keep-first", help="keep this many of the first layers"),
+               keep_last: int = typer.Option(1, "--keep-last", help="and this many of the last layers"),
+               heal_dolly: str | None = typer.Option(None, "--heal-dolly",
+                                                     help="databricks-dolly-15k.jsonl: heal the shrunk model on it"),
+               heal_steps: int = typer.Option(60, "--heal-steps"),
+               heal_lr: float = typer.Option(3e-4, "--heal-lr"),
+               heal_batch: int = typer.Option(4, "--heal-batch"),
+               heal_records: int = typer.Option(2000, "--heal-records", help="most Dolly records to heal on"),
+               exclude_category: list[str] = typer.Option([], "--exclude-category",
+                                                          help="Dolly category kept out of healing"),
+               max_length: int = typer.Option(256, "--max-length"),
+               seed: int = typer.Option(0, "--seed")):
+    """Write a proxy that shares SOURCE's tokenizer: SOURCE with most of its layers dropped,
+    optionally healed by a short full-parameter pass on public Dolly records."""
+    from mira.prada.models import PretrainSettings, load_dolly, write_shrunk_proxy
+    from mira.userfiles import check_out_folder
+
+    _threads()
+    check_out_folder(out)
+    records = None
+    if heal_dolly:
+        records = load_dolly(heal_dolly, tuple(exclude_category))
+        random.Random(seed).shuffle(records)
+        records = records[:heal_records]
+    report = write_shrunk_proxy(source, out, keep_first, keep_last, heal_records=records,
+                                heal=PretrainSettings(steps=heal_steps, lr=heal_lr, batch_size=heal_batch),
+                                max_length=max_length, seed=seed, log=lambda m: console.print(m, highlight=False))
+    console.print(f"proxy written: {out} ({report['parameters']:,} parameters); report: {out}/shrink.json")
 
 
 # -- mira proxy train -----------------------------------------------------------------------
@@ -150,7 +192,8 @@ def generate_cmd(server: str = typer.Option(..., "--server", help="URL of `mira 
                  prompt: str = typer.Option(..., "--prompt", help="the instruction (or raw text with --template raw)"),
                  input_text: str = typer.Option("", "--input", help="optional context for the instruction"),
                  template: str = typer.Option("alpaca", "--template", help="alpaca or raw"),
-                 mode: str = typer.Option("speculative", "--mode", help="per-token or speculative"),
+                 mode: str = typer.Option("speculative", "--mode",
+                                          help="per-token, speculative or session (speculative with a server session)"),
                  top_k: int | None = typer.Option(None, "--top-k", help="ask only for top-k log-probs"),
                  alpha: float = typer.Option(1.0, "--alpha", help="weight of the proxy's offset"),
                  max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
@@ -159,10 +202,13 @@ def generate_cmd(server: str = typer.Option(..., "--server", help="URL of `mira 
                  draft_initial: int = typer.Option(4, "--draft-initial"),
                  draft_min: int = typer.Option(1, "--draft-min"),
                  draft_max: int = typer.Option(16, "--draft-max"),
+                 draft_rule: str = typer.Option("double", "--draft-rule",
+                                                help="double (double/halve) or rate (from the acceptance rate)"),
                  exact_margin: float = typer.Option(1e-3, "--exact-margin",
                                                     help="speculative: re-ask positions decided closer than this"),
                  timeout: float = typer.Option(30.0, "--timeout", help="seconds per request"),
-                 encoding: str = typer.Option("base64", "--encoding", help="base64 or list"),
+                 encoding: str = typer.Option("base64", "--encoding",
+                                              help="base64 (float32), list, f16 or q8 (lossy, bounded)"),
                  api_key_env: str = typer.Option("MIRA_API_KEY", "--api-key-env"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Generate with the remote model corrected by the proxy's offset; print the text and the traffic."""
@@ -177,10 +223,10 @@ def generate_cmd(server: str = typer.Option(..., "--server", help="URL of `mira 
     from mira.prada.offset import ProxyPair
 
     _threads()
-    if encoding not in ("base64", "list"):
-        raise MiraError(f"encoding must be base64 or list, got {encoding!r}", where="--encoding")
+    if encoding not in ("base64", "list", "f16", "q8"):
+        raise MiraError(f"encoding must be base64, list, f16 or q8, got {encoding!r}", where="--encoding")
     settings = DecodeSettings(max_new_tokens=max_new_tokens, alpha=alpha, top_k=top_k, temperature=temperature,
-                              seed=seed, draft=DraftSchedule(draft_initial, draft_min, draft_max),
+                              seed=seed, draft=DraftSchedule(draft_initial, draft_min, draft_max, draft_rule),
                               exact_margin=exact_margin)
     key = _api_key(api_key_env)
     pair, tokenizer = ProxyPair.load(proxy, adapter)

@@ -1,4 +1,4 @@
-"""Generation with a remote model corrected by the device's proxy: two decoders.
+"""Generation with a remote model corrected by the device's proxy: three decoders.
 
 * ``per-token``: one ``/v1/logits`` call per generated token; the device adds the offset
   and chooses the token.
@@ -24,6 +24,13 @@ number. If the two paths differ by less than ``exact_margin / 2`` per score, the
 tokens are then exactly the per-token tokens. ``GenerationMetrics.fallbacks`` counts the
 re-asked positions.
 
+``session`` is ``speculative`` over a server session (``SessionDecoder``): the server keeps
+the KV cache, so a request carries only the tokens the server has not seen. All its rows may
+come from the cache, so the same check covers every position (row 0 too, unless the server
+says it is canonical), and a re-ask is a canonical session request. With a lossy encoding
+(``f16``, ``q8``) the margin of each position grows by twice the row's error bound, and
+re-asks are float32: the tokens stay those of float32 per-token decoding.
+
 Any ``PradaError`` raised during a generation (timeout, dead server, context full, rejected
 request) is re-raised carrying the text and token ids generated so far and the metrics.
 """
@@ -39,30 +46,73 @@ from typing import ClassVar
 import torch
 
 from mira.prada.client import BlackBoxClient, Traffic
-from mira.prada.errors import PradaError, ServerFailure
+from mira.prada.errors import PradaError, ServerFailure, ServerRejected
 from mira.prada.offset import ProxyPair, add_offset, combine_on_support
-from mira.prada.protocol import ScoreMatrix
+from mira.prada.protocol import Encoding, ScoreMatrix
 
 
 @dataclass
 class DraftSchedule:
-    """Draft length for ``speculative``: start at ``initial``, stay within ``[minimum, maximum]``."""
+    """Draft length for ``speculative`` and ``session``: start at ``initial``, stay within
+    ``[minimum, maximum]``. ``rule="double"``: double after a fully accepted draft, halve when
+    less than half was accepted. ``rule="rate"``: choose the length from the acceptance rate
+    estimated so far (``AcceptanceRate``) with ``best_draft_length``."""
 
     initial: int = 4
     minimum: int = 1
     maximum: int = 16
+    rule: str = "double"
+    row_cost: float = 0.1  # "rate": the cost of one draft row, relative to one round trip
+    decay: float = 0.7  # "rate": weight of the past per draft
 
     def __post_init__(self) -> None:
         if not 1 <= self.minimum <= self.initial <= self.maximum:
             raise PradaError(f"draft lengths need 1 <= min ({self.minimum}) <= initial ({self.initial}) <= "
                              f"max ({self.maximum})", where="--draft")
+        if self.rule not in ("double", "rate"):
+            raise PradaError(f"unknown draft rule {self.rule!r}; choose double or rate", where="--draft-rule")
+        if not self.row_cost >= 0 or not 0 <= self.decay < 1:
+            raise PradaError(f"need row_cost >= 0 and 0 <= decay < 1, got {self.row_cost}, {self.decay}",
+                             where="--draft-rule")
 
-    def next(self, n: int, accepted: int, proposed: int) -> int:
+    def next(self, n: int, accepted: int, proposed: int, rate: AcceptanceRate | None = None) -> int:
+        if self.rule == "rate" and rate is not None:
+            return best_draft_length(rate.estimate, self.minimum, self.maximum, self.row_cost)
         if accepted >= proposed:
             return min(self.maximum, n * 2)
         if accepted < n // 2:
             return max(self.minimum, n // 2)
         return n
+
+
+def expected_tokens(p: float, n: int) -> float:
+    """Tokens one draft of ``n`` yields when each draft token is kept with probability ``p``
+    (independently): the kept run plus the device's own token at the first mismatch, at most ``n``."""
+    return float(n) if p >= 1 else (1 - p ** n) / (1 - p)
+
+
+def best_draft_length(p: float, minimum: int, maximum: int, row_cost: float) -> int:
+    """The ``n`` in ``[minimum, maximum]`` with the most tokens per unit of cost,
+    ``expected_tokens(p, n) / (1 + row_cost * n)`` (the smallest such ``n`` on ties)."""
+    return max(range(minimum, maximum + 1), key=lambda n: (expected_tokens(p, n) / (1 + row_cost * n), -n))
+
+
+@dataclass
+class AcceptanceRate:
+    """The per-token acceptance probability, from decayed counts of kept and rejected draft
+    tokens (a prior of one half, worth one token)."""
+
+    decay: float = 0.7
+    kept: float = 0.0
+    tried: float = 0.0
+
+    def update(self, accepted: int, rejected: int) -> None:
+        self.kept = self.decay * self.kept + accepted
+        self.tried = self.decay * self.tried + accepted + rejected
+
+    @property
+    def estimate(self) -> float:
+        return (self.kept + 0.5) / (self.tried + 1.0)
 
 
 DEFAULT_EXACT_MARGIN = 1e-3  # > 2 x 5.6e-5, the largest cached-vs-full gap measured (docs/prada.md)
@@ -77,6 +127,7 @@ class DecodeSettings:
     seed: int = 0
     draft: DraftSchedule = field(default_factory=DraftSchedule)
     exact_margin: float = DEFAULT_EXACT_MARGIN  # speculative: re-ask positions decided closer than this
+    encoding: Encoding | None = None  # scores' wire encoding (None: the client's); canonical re-asks use float32
 
     def __post_init__(self) -> None:
         if not (self.exact_margin >= 0 and math.isfinite(self.exact_margin)):
@@ -104,6 +155,9 @@ class GenerationMetrics:
     accepted: int = 0  # draft tokens kept
     acceptance_rate: float | None = None
     fallbacks: int = 0  # speculative positions decided from a canonical /v1/logits row (near-ties)
+    header_bytes_sent: int = 0
+    header_bytes_received: int = 0
+    reopened: int = 0  # session: sessions opened again after the server dropped one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +236,7 @@ class Run:
         self.drafted = 0
         self.accepted = 0
         self.fallbacks = 0
+        self.reopened = 0
 
     @property
     def generated(self) -> list[int]:
@@ -195,15 +250,20 @@ class Run:
     def done(self) -> bool:
         return self.finish_reason == "eos" or self.remaining <= 0
 
-    def choose(self, scores: ScoreMatrix, row: int, canonical: Callable[[], ScoreMatrix] | None = None) -> int:
+    def choose(self, scores: ScoreMatrix, row: int, canonical: Callable[[], ScoreMatrix] | None = None,
+               cached: bool = True) -> int:
         """The device's token for the next position, from the server's row ``row``. With
-        ``canonical`` (a speculative draft row), a decision within ``exact_margin`` of flipping
-        is taken again from ``canonical()[0]``, the per-token computation, with the same random number."""
+        ``canonical``, a decision closer to flipping than the margin is taken again from
+        ``canonical()[0]``, the per-token computation, with the same random number. The margin
+        is ``exact_margin`` for a ``cached`` row (not the canonical computation itself) plus
+        twice the row's encoding error bound (``ScoreMatrix.error``; 0 for float32)."""
         offset = self.proxy.offset(self.ids)
         u = self.chooser.draw()
-        margin = self.settings.exact_margin if canonical is not None else 0.0
+        margin = 0.0
+        if canonical is not None:
+            margin = (self.settings.exact_margin if cached else 0.0) + 2 * float(scores.error[row])
         token, safe = self._pick(scores, row, offset, u, margin)
-        if not safe and canonical is not None:
+        if not safe and margin > 0 and canonical is not None:
             self.fallbacks += 1
             token, _ = self._pick(canonical(), 0, offset, u, 0.0)
         return token
@@ -222,13 +282,37 @@ class Run:
                                 where="server")
         k = self.settings.top_k or ids.numel()
         safe_support = True
+        witness = None
         if ids.numel() > k:  # the (k+1)-th entry is only a witness of the support's boundary
             safe_support = bool(values[k - 1] - values[k] > margin)
+            witness = (values, ids)
             values, ids = values[:k], ids[:k]
         order = torch.argsort(ids)  # by token id: the same CDF order whatever the ranking's near-ties
         values, ids = values[order], ids[order]
-        index, safe = self.chooser.pick(combine_on_support(values, ids, offset, self.settings.alpha), u, margin)
+        corrected = combine_on_support(values, ids, offset, self.settings.alpha)
+        index, safe = self.chooser.pick(corrected, u, margin)
+        if not safe_support and u is None and safe:
+            safe_support = self._boundary_irrelevant(*witness, k, int(ids[index]), float(corrected[index]), offset,
+                                                     margin)
         return int(ids[index]), safe and safe_support
+
+    def _boundary_irrelevant(self, values: torch.Tensor, ids: torch.Tensor, k: int, chosen: int, best: float,
+                             offset: torch.Tensor, margin: float) -> bool:
+        """Greedy, with the support's boundary within the margin: the canonical support may hold
+        other tokens than the k received, but the argmax is the same if (1) the chosen token is
+        more than the margin above the (k+1)-th log-probability, so it stays in the canonical
+        top k; (2) the received (k+1)-th token and (3) every token not received, whose
+        log-probability is at most the (k+1)-th one, stay more than the margin below ``best``
+        after their offsets (the device has the whole offset vector)."""
+        shift = self.settings.alpha * offset.float()
+        rank = int((ids == chosen).nonzero()[0, 0])
+        if not values[rank] - values[k] > margin:  # (1)
+            return False
+        if not float(values[k] + shift[ids[k]]) < best - margin:  # (2)
+            return False
+        outside = shift.clone()
+        outside[ids] = -math.inf
+        return bool(float(values[k] + outside.max()) < best - margin)  # (3)
 
     def emit(self, token: int) -> None:
         self.ids.append(token)
@@ -287,7 +371,9 @@ class Decoder(ABC):
             mode=self.name, new_tokens=n, round_trips=traffic.round_trips, bytes_sent=traffic.bytes_sent,
             bytes_received=traffic.bytes_received, seconds=seconds, server_seconds=traffic.seconds,
             tokens_per_second=n / seconds if seconds > 0 else 0.0, drafted=run.drafted, accepted=run.accepted,
-            acceptance_rate=(run.accepted / run.drafted) if run.drafted else None, fallbacks=run.fallbacks)
+            acceptance_rate=(run.accepted / run.drafted) if run.drafted else None, fallbacks=run.fallbacks,
+            header_bytes_sent=traffic.header_bytes_sent, header_bytes_received=traffic.header_bytes_received,
+            reopened=run.reopened)
 
 
 @register_decoder
@@ -298,7 +384,7 @@ class PerTokenDecoder(Decoder):
 
     def decode(self, run: Run) -> None:
         while not run.done:
-            scores = self.client.logits([run.ids], top_k=run.settings.top_k)
+            scores = self.client.logits([run.ids], top_k=run.settings.top_k, encoding=run.settings.encoding)
             run.emit(run.choose(scores, 0))
 
 
@@ -315,24 +401,90 @@ class SpeculativeDecoder(Decoder):
         # top-k: one entry more than the support, to see how close the support's boundary is
         ask_k = None if top_k is None else (top_k + 1 if top_k < self.proxy.vocab_size else top_k)
 
-        def canonical() -> ScoreMatrix:  # the per-token computation of this position
-            return self.client.logits([run.ids], top_k=ask_k)
+        encoding = run.settings.encoding
+
+        def canonical() -> ScoreMatrix:  # the per-token computation of this position, in float32
+            return self.client.logits([run.ids], top_k=ask_k, encoding="base64")
+
+        rate = AcceptanceRate(schedule.decay)
+        while not run.done:
+            draft = self.client.draft(run.ids, min(n, run.remaining), top_k=ask_k, encoding=encoding)
+            # row 0 comes from the server's full forward of the prefix: canonical already
+            n = walk_draft(run, draft, canonical, schedule, n, rate)
+
+
+def walk_draft(run: Run, draft, canonical: Callable[[], ScoreMatrix], schedule: DraftSchedule, n: int,
+               rate: AcceptanceRate) -> int:
+    """Choose a token at each draft position while the choice equals the draft token; the next ``n``."""
+    accepted = rejected = 0
+    for i, proposed in enumerate(draft.tokens):
+        token = run.choose(draft.scores, i, canonical, cached=not (i == 0 and draft.first_canonical))
+        run.emit(token)
+        if token != proposed:
+            rejected = 1
+            break
+        accepted += 1
+        if run.done:
+            break
+    run.drafted += len(draft.tokens)
+    run.accepted += accepted
+    rate.update(accepted, rejected)
+    return schedule.next(n, accepted, len(draft.tokens), rate)
+
+
+@register_decoder
+class SessionDecoder(Decoder):
+    """``speculative`` over a server session: the server keeps the KV cache, so each request
+    carries only the tokens it has not seen (the kept draft tokens and the device's own).
+    Every row of a session draft after the first comes from the cache, and so may row 0
+    (``Draft.first_canonical`` says): the near-tie check covers them all, and a re-ask is a
+    canonical session request (one full forward on the server, float32). When the server
+    has dropped the session (time to live, eviction), a new one is opened with the whole
+    sequence (``GenerationMetrics.reopened``). The session is closed at the end."""
+
+    name = "session"
+
+    def decode(self, run: Run) -> None:
+        schedule = run.settings.draft
+        n = schedule.initial
+        top_k = run.settings.top_k
+        ask_k = None if top_k is None else (top_k + 1 if top_k < self.proxy.vocab_size else top_k)
+        encoding = run.settings.encoding
+        rate = AcceptanceRate(schedule.decay)
+        state = {"sid": None, "sent": 0}  # the session, and how many of run.ids it has committed
+
+        def canonical() -> ScoreMatrix:
+            if state["sid"] is not None:
+                try:
+                    scores = self.client.session_logits(state["sid"], run.ids[state["sent"]:], canonical=True,
+                                                        top_k=ask_k, encoding="base64")
+                    state["sent"] = len(run.ids)
+                    return scores
+                except ServerRejected as e:
+                    if e.code != "unknown_session":
+                        raise
+                    state["sid"] = None
+            return self.client.logits([run.ids], top_k=ask_k, encoding="base64")  # stateless, same row
 
         while not run.done:
-            draft = self.client.draft(run.ids, min(n, run.remaining), top_k=ask_k)
-            accepted = 0
-            for i, proposed in enumerate(draft.tokens):
-                # row 0 comes from the server's full forward of the prefix: canonical already
-                token = run.choose(draft.scores, i, canonical if i > 0 and run.settings.exact_margin > 0 else None)
-                run.emit(token)
-                if token != proposed:
-                    break
-                accepted += 1
-                if run.done:
-                    break
-            run.drafted += len(draft.tokens)
-            run.accepted += accepted
-            n = schedule.next(n, accepted, len(draft.tokens))
+            want = min(n, run.remaining)
+            if state["sid"] is None:
+                if run.drafted:
+                    run.reopened += 1
+                state["sid"], draft = self.client.open_session(run.ids, want, top_k=ask_k, encoding=encoding)
+            else:
+                try:
+                    draft = self.client.session_draft(state["sid"], run.ids[state["sent"]:], want, top_k=ask_k,
+                                                      encoding=encoding)
+                except ServerRejected as e:
+                    if e.code != "unknown_session":
+                        raise
+                    state["sid"] = None
+                    continue
+            state["sent"] = len(run.ids)
+            n = walk_draft(run, draft, canonical, schedule, n, rate)
+        if state["sid"] is not None:
+            self.client.close_session(state["sid"])
 
 
 def make_decoder(mode: str, client: BlackBoxClient, proxy: ProxyPair, tokenizer,

@@ -236,3 +236,75 @@ def build_models(source_dir: str, stories_path: str, dolly_path: str, out_dir: s
     report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     atomic_write_json(out / "build.json", report)
     return report
+
+
+# -- a proxy cut out of the target: same tokenizer, fewer layers ------------------------------
+def shrink_llama(src, keep_first: int, keep_last: int = 1):
+    """A copy of the Llama ``src`` with only its first ``keep_first`` and last ``keep_last``
+    decoder layers (embeddings, final norm and head unchanged), so that it shares the
+    tokenizer and vocabulary. Its function is *not* the source's: the dropped layers are gone."""
+    import copy
+
+    n = src.config.num_hidden_layers
+    if keep_first < 0 or keep_last < 0 or keep_first + keep_last < 1 or keep_first + keep_last >= n:
+        raise MiraError(f"keep 1 to {n - 1} of the {n} layers in all; got first {keep_first}, last {keep_last}",
+                        where="--keep-first")
+    kept = list(range(keep_first)) + list(range(n - keep_last, n))
+    model = copy.deepcopy(src)
+    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in kept])
+    for slot, layer in enumerate(model.model.layers):  # the KV cache indexes layers by this
+        layer.self_attn.layer_idx = slot
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    return model.eval()
+
+
+def write_shrunk_proxy(source: str, out_dir: str | Path, keep_first: int, keep_last: int = 1,
+                       dtype: str = "float32", heal_records: list[Record] | None = None,
+                       heal: PretrainSettings | None = None, max_length: int = 256, heldout: int = 16,
+                       seed: int = 0, log: Log | None = None) -> dict:
+    """``shrink_llama`` of ``source`` (a folder or an alias such as ``smollm2-135m-instruct``),
+    saved with its tokenizer as a Hugging Face folder; returns (and writes) ``shrink.json``.
+
+    With ``heal_records`` and ``heal``, the shrunk model is first given a short full-parameter
+    pass (``pretrain``, loss on the responses) on those *public* records, so that the proxy
+    base is a working language model again; the held-out loss before and after is reported."""
+    from mira.models.loader import load_base
+
+    t0 = time.perf_counter()
+    src, tokenizer = load_base(source, dtype=dtype, device="cpu", where="--source")
+    if getattr(src.config, "model_type", None) != "llama":
+        raise MiraError(f"only Llama models can be shrunk, got {src.config.model_type!r}", where="--source")
+    model = shrink_llama(src, keep_first, keep_last)
+    n_src = src.config.num_hidden_layers
+    report = {"source": str(source), "source_layers": n_src,
+              "kept_layers": list(range(keep_first)) + list(range(n_src - keep_last, n_src)),
+              "source_parameters": num_params(src), "parameters": num_params(model)}
+    if heal_records and heal is not None:
+        records = list(heal_records)
+        random.Random(seed).shuffle(records)
+        held = tokenize_records(records[:heldout], tokenizer, max_length)
+        train = tokenize_records(records[heldout:], tokenizer, max_length)
+        sets = {"heldout": held}
+        report["heal"] = {"settings": heal.to_dict(), "records": len(train), "heldout_records": len(held),
+                          "source_heldout_loss": _heldout_losses(src, sets, tokenizer.pad_token_id)["heldout"],
+                          "heldout_loss_before": _heldout_losses(model, sets, tokenizer.pad_token_id)["heldout"]}
+        del src
+        t1 = time.perf_counter()
+        losses = pretrain(model, train, tokenizer.pad_token_id, heal, seed=seed, log=log, name="proxy")
+        report["heal"].update(heldout_loss_after=_heldout_losses(model, sets, tokenizer.pad_token_id)["heldout"],
+                              first_loss=round(losses[0], 4), last_loss=round(sum(losses[-5:]) / len(losses[-5:]), 4),
+                              seconds=round(time.perf_counter() - t1, 1))
+        if log:
+            h = report["heal"]
+            log(f"healed: held-out loss {h['heldout_loss_before']} -> {h['heldout_loss_after']} "
+                f"(source {h['source_heldout_loss']}) in {h['seconds']:.0f}s")
+    out = Path(out_dir)
+    _save(model, tokenizer, out)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(out / "shrink.json", report)
+    if log:
+        log(f"proxy: {report['parameters']:,} of {report['source_parameters']:,} parameters, "
+            f"layers {report['kept_layers']} -> {out}")
+    return report
