@@ -93,7 +93,29 @@ def main(cmp_dir: str, name: str) -> None:
         fig.savefig(ROOT / "docs" / "img" / f"mira-{name}-graph-auc.png", dpi=110)
         plt.close(fig)
 
-    out = {"curves": {short(lb): {str(t): {"mean": float(np.mean(v)), "ci95": ci95(v)} for t, v in sorted(c.items())}
+    # the learned graph against the random one: paired per seed (same data) and per client
+    sim = next((lb for lb in labels if "graph=similarity" in lb), None)
+    rnd = next((lb for lb in labels if lb.startswith("mira(") and "graph=" not in lb), None)
+    paired = None
+    if sim and rnd:
+        paired = {"a": sim, "b": rnd}
+        for key in ("mean_local_test_loss", "mean_global_test_loss"):
+            diffs = []
+            for s in seeds:
+                a = json.loads((cmp_dir / f"seed_{s}" / sim / "summary.json").read_text())
+                b = json.loads((cmp_dir / f"seed_{s}" / rnd / "summary.json").read_text())
+                diffs.append(a[key] - b[key])
+            paired[key] = {"mean": float(np.mean(diffs)), "ci95": ci95(diffs), "per_seed": diffs}
+        wins = [0, 0, 0]
+        for s in seeds:
+            a = json.loads((cmp_dir / f"seed_{s}" / sim / "summary.json").read_text())["clients"]
+            b = {c["id"]: c["local_test_loss"] for c in
+                 json.loads((cmp_dir / f"seed_{s}" / rnd / "summary.json").read_text())["clients"]}
+            for c in a:
+                d = c["local_test_loss"] - b[c["id"]]
+                wins[0 if d <= -1e-3 else 1 if abs(d) < 1e-3 else 2] += 1
+        paired["clients_better_tied_worse"] = wins
+    out = {"similarity_vs_random": paired, "curves": {short(lb): {str(t): {"mean": float(np.mean(v)), "ci95": ci95(v)} for t, v in sorted(c.items())}
                       for lb, c in curves.items()},
            "graph_auc": {k: {str(t): {"mean": float(np.mean(v)), "ci95": ci95(v), "n": len(v)}
                              for t, v in sorted(c.items())} for k, c in aucs.items()}}
