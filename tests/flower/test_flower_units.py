@@ -289,3 +289,46 @@ def test_supernode_cli_is_supervised_and_resume_takes_the_run_dir(tmp_path):
     assert isinstance(r.exception, MiraError) and "config.yaml not found" in str(r.exception), r.output
     r = runner.invoke(flower_app, ["run", "--resume", str(tmp_path), "--out", str(tmp_path / "other"), "--insecure"])
     assert isinstance(r.exception, MiraError) and "names another" in str(r.exception), r.output
+
+
+def test_warm_worker_stops_the_compute_when_its_clientapp_goes_away(tmp_path, monkeypatch):
+    """flwr stop / a Flower timeout kills the ClientApp that waits on the worker: the worker's
+    compute for that request must stop too, and the worker must go on serving."""
+    import threading
+    import time
+    from multiprocessing.connection import Client
+
+    from mira.federated.flower import worker as wmod
+
+    steps = {"n": 0}
+
+    def handle(self, req):
+        if req["kind"] == "slow":
+            while True:  # a training loop that would run for ever
+                steps["n"] += 1
+                time.sleep(0.01)
+        return {"ok": req["kind"]}
+
+    monkeypatch.setattr(wmod.Worker, "handle", handle)
+    w = wmod.Worker()
+    w.poll_s = 0.05
+    address = str(tmp_path / "w.sock")
+    w.serve(address)
+    key = wmod._key_path(address).read_bytes()
+    try:
+        conn = Client(address, family="AF_UNIX", authkey=key)
+        conn.send({"kind": "slow"})
+        time.sleep(0.3)
+        assert steps["n"] > 0
+        conn.close()  # the ClientApp is killed while its request runs
+        deadline = time.time() + 5
+        while w.cancelled == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert w.cancelled == 1
+        n = steps["n"]
+        time.sleep(0.3)
+        assert steps["n"] == n  # the compute has stopped
+        assert wmod.call(address, {"kind": "next"}) == {"ok": "next"}  # and the worker still serves
+        assert [t.name for t in threading.enumerate()].count("mira-node-worker-watch") == 0
+    finally:
+        w.close()

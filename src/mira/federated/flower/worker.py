@@ -15,6 +15,13 @@ The worker runs exactly the ``NodeRuntime`` code a cold ClientApp runs; the Flow
 side (SuperNode, TLS, authentication, messages) is unchanged. Stopping the worker
 process (SIGTERM/SIGINT) stops its SuperNode.
 
+The compute stays under Flower's lifecycle: the ClientApp that asked waits on the connection,
+and when that ClientApp goes away before the answer (``flwr stop``, a Flower timeout, a killed
+process), a watcher sees the connection close and stops the request's compute at its next
+Python step (``Cancelled`` raised in the serving thread), logs it, and serves the next request;
+the ``NodeRuntime`` is kept (each fit sets the adapter it was sent before training). A worker
+that crashes closes the connection, and the waiting ClientApp fails its task with an error.
+
 The same process supervises the SuperNode (``supervise``; ``--cold`` for the supervisor
 alone): when the SuperNode exits (e.g. its SuperLink was restarted and no longer knows
 it), it is started again with bounded, logged back-off.
@@ -52,14 +59,29 @@ def call(address: str, request: dict) -> dict:
     return answer
 
 
+class Cancelled(BaseException):
+    """Raised in the serving thread when the ClientApp that asked has gone away (not an
+    ``Exception``, so that no ``except Exception`` on the way swallows it)."""
+
+
+def _raise_in(thread_id: int, exc: type[BaseException]) -> bool:
+    """Raise ``exc`` in thread ``thread_id`` at its next Python bytecode (CPython's async exception)."""
+    import ctypes
+
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc)) == 1
+
+
 class Worker:
     """Answers ``hello``/``fit``/``eval`` requests with a cached ``NodeRuntime``."""
+
+    poll_s = 0.2  # how often the watcher checks that the asking ClientApp is still there
 
     def __init__(self):
         self.key = None
         self.runtime = None
         self.listener = None
         self.closed = False
+        self.cancelled = 0  # requests stopped because their ClientApp went away
 
     def _runtime(self, text: str, cfg, spec):
         from mira.federated.flower.node import NodeRuntime
@@ -113,17 +135,44 @@ class Worker:
                 with conn:
                     try:
                         req = conn.recv()
+                        done = threading.Event()
+                        watcher = threading.Thread(target=self._watch, args=(conn, done, threading.get_ident()),
+                                                   name="mira-node-worker-watch", daemon=True)
+                        watcher.start()
                         try:
-                            answer = self.handle(req)
-                        except Exception as e:  # noqa: BLE001 - reported to the ClientApp
-                            answer = {"error": f"{type(e).__name__}: {e}"}
+                            try:
+                                answer = self.handle(req)
+                            except Exception as e:  # noqa: BLE001 - reported to the ClientApp
+                                answer = {"error": f"{type(e).__name__}: {e}"}
+                            finally:
+                                done.set()
+                            watcher.join()
+                        except Cancelled:
+                            done.set()
+                            self.cancelled += 1
+                            _say(f"worker: {req.get('kind')} request cancelled: its ClientApp went away")
+                            continue
                         conn.send(answer)
+                    except Cancelled:  # raised just after the compute ended: nothing to stop
+                        self.cancelled += 1
                     except (OSError, EOFError):
                         pass
 
         t = threading.Thread(target=loop, name="mira-node-worker", daemon=True)
         t.start()
         return t
+
+    def _watch(self, conn, done: threading.Event, thread_id: int) -> None:
+        """Until ``done``: if the asking ClientApp closes the connection (it sends nothing more,
+        so a readable connection means it is gone), stop the compute in ``thread_id``."""
+        while not done.wait(self.poll_s):
+            try:
+                gone = conn.poll()
+            except (OSError, EOFError):
+                gone = True
+            if gone and not done.is_set():
+                _raise_in(thread_id, Cancelled)
+                return
 
     def close(self) -> None:
         """Stop listening and remove the socket (the accept thread is a daemon and ends with the process)."""
