@@ -122,3 +122,17 @@ def test_aggregation_option_is_validated_and_not_inherited_where_meaningless():
         with pytest.raises(MiraError, match="unknown option"):
             get_strategy(name).parse_params({"aggregation": "exact"})
     assert get_strategy("fedit_ft").parse_params({"aggregation": "exact"}).aggregation == "exact"
+
+
+def test_product_norm_uses_the_smaller_of_the_gram_and_the_product():
+    """||x @ y||_F^2 is exact either way; with a stacked rank above the layer's size the Gram
+    matrices (R x R) would be the larger (quadratic memory in K * r), so the product is formed."""
+    import torch
+
+    from mira.federated.strategies.products import _prod_sq_norm
+
+    g = torch.Generator().manual_seed(0)
+    for out, r, inn in ((64, 16, 48), (8, 300, 6)):  # Gram path, product path
+        x = torch.randn(out, r, generator=g, dtype=torch.float64)
+        y = torch.randn(r, inn, generator=g, dtype=torch.float64)
+        assert _prod_sq_norm(x, y) == pytest.approx(float((x @ y).pow(2).sum()), rel=1e-12)

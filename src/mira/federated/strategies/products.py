@@ -14,8 +14,8 @@ clients' data shares, summing to 1), and the relative errors are the same with o
   ``s * B @ A = s * M_r``, the best rank-r approximation of the exact average of the
   deltas; and ``(sqrt(s) B)(sqrt(s) A)`` is the symmetric split of that delta.
 
-Neither forms an ``out x in`` matrix: ``M = [w_1 B_1 .. w_K B_K] @ [A_1; ..; A_K]`` has rank at
-most ``K r``; with the thin QR factorisations of the two stacked factors, ``M = Q_b (R_b R_a^T) Q_a^T``
+Neither forms an ``out x in`` matrix unless it is smaller than the ``K r x K r`` ones:
+``M = [w_1 B_1 .. w_K B_K] @ [A_1; ..; A_K]`` has rank at most ``K r``; with the thin QR factorisations of the two stacked factors, ``M = Q_b (R_b R_a^T) Q_a^T``
 and the SVD of ``M`` is that of the small ``K r x K r`` core, rotated by ``Q_b`` and ``Q_a``
 (exact, not an approximation). Norms of products use ``||X Y||_F^2 = sum((X^T X) * (Y Y^T))``.
 All arithmetic is in float64; results are cast back to the uploads' dtype.
@@ -34,7 +34,12 @@ def lora_pairs(keys: list[str]) -> list[LoraModule]:
 
 
 def _prod_sq_norm(x: Tensor, y: Tensor) -> float:
-    """``||x @ y||_F^2`` without forming ``x @ y``."""
+    """``||x @ y||_F^2`` in ``min(out * in, R^2)`` memory: through the ``R x R`` Gram matrices
+    (``R`` = the stacked rank) when they are the smaller, else by forming the ``out x in`` product
+    (with many clients or a large rank, ``R^2`` grows quadratically: at R = 20,559 one Gram
+    matrix alone is 3.4 GB)."""
+    if x.shape[0] * y.shape[1] <= x.shape[1] ** 2:
+        return float(torch.linalg.matrix_norm(x @ y) ** 2)
     return float(((x.T @ x) * (y @ y.T)).sum().clamp_min(0))
 
 
