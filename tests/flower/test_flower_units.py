@@ -332,3 +332,31 @@ def test_warm_worker_stops_the_compute_when_its_clientapp_goes_away(tmp_path, mo
         assert [t.name for t in threading.enumerate()].count("mira-node-worker-watch") == 0
     finally:
         w.close()
+
+
+def test_a_worker_that_dies_mid_request_fails_the_clientapp_with_an_error(tmp_path):
+    """A crashed warm worker must fail the task visibly: the ClientApp's call raises (Flower then
+    reports the task as failed) instead of hanging or answering nothing."""
+    import os
+    import threading
+    from multiprocessing.connection import Listener
+
+    from mira.errors import MiraError
+    from mira.federated.flower import worker as wmod
+
+    address = str(tmp_path / "w.sock")
+    key = os.urandom(32)
+    wmod._key_path(address).write_bytes(key)
+    listener = Listener(address, family="AF_UNIX", authkey=key)
+
+    def dies():
+        conn = listener.accept()
+        conn.recv()
+        conn.close()  # the worker process died while computing
+
+    t = threading.Thread(target=dies, daemon=True)
+    t.start()
+    with pytest.raises(MiraError, match="warm worker .* is not reachable"):
+        wmod.call(address, {"kind": "fit"})
+    t.join(5)
+    listener.close()
