@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from mira.federated.compare import ci95  # noqa: E402
+from mira.federated.compare import ci95, paired_vs_baseline  # noqa: E402
 
 
 def short(label: str) -> str:
@@ -97,24 +97,12 @@ def main(cmp_dir: str, name: str) -> None:
     sim = next((lb for lb in labels if "graph=similarity" in lb), None)
     rnd = next((lb for lb in labels if lb.startswith("mira(") and "graph=" not in lb), None)
     paired = None
-    if sim and rnd:
-        paired = {"a": sim, "b": rnd}
-        for key in ("mean_local_test_loss", "mean_global_test_loss"):
-            diffs = []
-            for s in seeds:
-                a = json.loads((cmp_dir / f"seed_{s}" / sim / "summary.json").read_text())
-                b = json.loads((cmp_dir / f"seed_{s}" / rnd / "summary.json").read_text())
-                diffs.append(a[key] - b[key])
-            paired[key] = {"mean": float(np.mean(diffs)), "ci95": ci95(diffs), "per_seed": diffs}
-        wins = [0, 0, 0]
-        for s in seeds:
-            a = json.loads((cmp_dir / f"seed_{s}" / sim / "summary.json").read_text())["clients"]
-            b = {c["id"]: c["local_test_loss"] for c in
-                 json.loads((cmp_dir / f"seed_{s}" / rnd / "summary.json").read_text())["clients"]}
-            for c in a:
-                d = c["local_test_loss"] - b[c["id"]]
-                wins[0 if d <= -1e-3 else 1 if abs(d) < 1e-3 else 2] += 1
-        paired["clients_better_tied_worse"] = wins
+    if sim and rnd:  # compare's own paired rows, with the random-graph MIRA as the baseline
+        per_seed = {lb: {s: json.loads((cmp_dir / f"seed_{s}" / lb / "summary.json").read_text()) for s in seeds}
+                    for lb in (sim, rnd)}
+        row = paired_vs_baseline(per_seed, [sim, rnd], seeds, rnd)["algorithms"][sim]
+        paired = {"a": sim, "b": rnd, "mean_local_test_loss": row["local"], "mean_global_test_loss": row["global"],
+                  "clients_better_tied_worse": [row["clients"][k] for k in ("wins", "ties", "losses")]}
     out = {"similarity_vs_random": paired, "curves": {short(lb): {str(t): {"mean": float(np.mean(v)), "ci95": ci95(v)} for t, v in sorted(c.items())}
                       for lb, c in curves.items()},
            "graph_auc": {k: {str(t): {"mean": float(np.mean(v)), "ci95": ci95(v), "n": len(v)}

@@ -343,6 +343,11 @@ class Decoder(ABC):
             eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.eos_ids = eos_ids
 
+    def ask_k(self, top_k: int | None) -> int | None:
+        """The log-probs to ask for with top-k: one entry more than the support (when the vocabulary
+        has one more), to see how close the support's boundary is; None for full rows."""
+        return None if top_k is None else (top_k + 1 if top_k < self.proxy.vocab_size else top_k)
+
     def generate(self, prompt_ids: list[int], settings: DecodeSettings, on_token: OnToken | None = None) -> Generation:
         if not prompt_ids:
             raise PradaError("the prompt is empty", where="--prompt")
@@ -398,8 +403,7 @@ class SpeculativeDecoder(Decoder):
         schedule = run.settings.draft
         n = schedule.initial
         top_k = run.settings.top_k
-        # top-k: one entry more than the support, to see how close the support's boundary is
-        ask_k = None if top_k is None else (top_k + 1 if top_k < self.proxy.vocab_size else top_k)
+        ask_k = self.ask_k(top_k)
 
         encoding = run.settings.encoding
 
@@ -448,7 +452,7 @@ class SessionDecoder(Decoder):
         schedule = run.settings.draft
         n = schedule.initial
         top_k = run.settings.top_k
-        ask_k = None if top_k is None else (top_k + 1 if top_k < self.proxy.vocab_size else top_k)
+        ask_k = self.ask_k(top_k)
         encoding = run.settings.encoding
         rate = AcceptanceRate(schedule.decay)
         state = {"sid": None, "sent": 0}  # the session, and how many of run.ids it has committed
