@@ -171,6 +171,17 @@ class LocalFederation:
             if time.monotonic() - t0 > timeout:
                 raise MiraError(f"the SuperLink did not start within {timeout:.0f}s")
             time.sleep(0.2)
+        # uvicorn logs "startup complete" before it binds the port: wait until it accepts
+        while True:
+            try:
+                socket.create_connection((self.host, self.port), timeout=1.0).close()
+                break
+            except OSError:
+                if not proc.alive():
+                    raise MiraError(f"the SuperLink exited: {proc.text(since_start=True)[-800:]}")
+                if time.monotonic() - t0 > timeout:
+                    raise MiraError(f"the SuperLink did not open {self.host}:{self.port} within {timeout:.0f}s")
+                time.sleep(0.05)
         return proc
 
     def node_key(self, i: int, registered: bool = True) -> Path:
