@@ -70,3 +70,4 @@ def test_zoo_sizes_are_about_4x_and_16x_stories260k():
     assert base == 260_032  # stories260K's exact count
     assert 3.8 < count_params(llama_config(**ZOO["x4"])) / base < 4.2
     assert 15.5 < count_params(llama_config(**ZOO["x16"])) / base < 16.5
+    assert 55 < count_params(llama_config(**ZOO["x64"])) / base < 58

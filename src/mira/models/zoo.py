@@ -13,6 +13,7 @@ Sizes (stories260K: hidden 64, 5 layers, 8 heads, 4 KV heads, intermediate 172,
 
 * ``x4``: hidden 128, 5 layers, intermediate 384, 8 heads / 4 KV heads -> 1,049,984 (4.04x)
 * ``x16``: hidden 256, 5 layers, intermediate 792, 8 heads / 4 KV heads -> 4,158,208 (15.99x)
+* ``x64``: hidden 512, 5 layers, intermediate 1376, 8 heads / 4 KV heads -> 14,767,616 (56.8x)
 * ``x1``: stories260K's own architecture (260,032), pre-trained from scratch with the same brief
   recipe: a control that separates model size from pre-training quality
 
@@ -39,6 +40,8 @@ ZOO: dict[str, dict] = {
     "x4": {"hidden_size": 128, "num_hidden_layers": 5, "intermediate_size": 384,
            "num_attention_heads": 8, "num_key_value_heads": 4},
     "x16": {"hidden_size": 256, "num_hidden_layers": 5, "intermediate_size": 792,
+            "num_attention_heads": 8, "num_key_value_heads": 4},
+    "x64": {"hidden_size": 512, "num_hidden_layers": 5, "intermediate_size": 1376,
             "num_attention_heads": 8, "num_key_value_heads": 4},
 }
 
@@ -138,7 +141,7 @@ def ensure_zoo_model(name: str, tokenizer_dir: str | Path, corpus: str | Path, c
         if name not in ZOO:
             raise KeyError(f"unknown zoo model {name!r}; known: {sorted(ZOO)}")
         config = ZOO[name]
-    tag = f"{name}-{VERSION}-s{steps}-L{seq_len}-b{batch_size}-seed{seed}"
+    tag = f"{name}-{VERSION}-s{steps}-L{seq_len}-b{batch_size}-seed{seed}" + ("" if lr == 3e-3 else f"-lr{lr:g}")
     out = Path(cache) / tag
     if (out / "config.json").exists() and (out / "zoo.json").exists():
         return out
