@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--background", type=int, default=24, help="non-proxy records every v(S) also trains on")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW rate of the fine-tune conditions")
     p.add_argument("--value-lr", type=float, default=None, help="SGD rate of v(S) (default: ShedSettings, 0.1)")
+    p.add_argument("--loss-weighting", default="token", choices=["token", "record"],
+                   help="training loss of v(S): mean over tokens (default) or over records")
+    p.add_argument("--train-seeds", default="fixed", choices=["fixed", "per_unit"],
+                   help="v(S) training seed: one for every permutation (default) or one per antithetic pair")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--template", default="compact")
@@ -88,7 +92,8 @@ def main(argv=None) -> dict:
                         iterations=args.iterations, group_size=args.group_size, steps=args.steps, lr=args.value_lr,
                         batch_size=args.batch_size, max_length=args.max_length, template=args.template,
                         budget_fraction=args.budget, strategy="qocs", background=args.background,
-                        center=not args.no_center,
+                        center=not args.no_center, loss_weighting=args.loss_weighting,
+                        train_seeds=args.train_seeds,
                         antithetic=not args.no_antithetic, tolerance=args.tolerance)
     proxy = ProxyModel.load(base)
     runs = []
@@ -140,7 +145,40 @@ def main(argv=None) -> dict:
             print(f"  {name:10s} n={m['n']:4d} test loss {m['test_loss']:.4f} ({m['train_s']:.1f}s)", flush=True)
         runs.append(row)
 
-    summary = {
+    summary = summarize(runs)
+    result = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+              "machine": C.machine(torch), "settings": vars(args) | {"shed": base.model_dump(mode="json")},
+              "runs": runs, "summary": summary, "total_s": time.perf_counter() - t_all}
+    atomic_write_json(args.out, result)
+    print_tables(result)
+    print(f"written: {args.out} (wall {result['total_s']:.0f}s)")
+    return result
+
+
+def merge(paths: list[str], out: str) -> dict:
+    """One result from the per-seed results of the same settings (each its own process, e.g. one seed each)."""
+    import json
+
+    from mira.io import atomic_write_json
+
+    parts = [json.load(open(p)) for p in paths]
+    keep = ("seeds", "out")
+    ref = {k: v for k, v in parts[0]["settings"].items() if k not in keep}
+    for p, part in zip(paths, parts):
+        if {k: v for k, v in part["settings"].items() if k not in keep} != ref:
+            sys.exit(f"{p}: other settings than {paths[0]}")
+    runs = [r for part in parts for r in part["runs"]]
+    result = {"command": [part["command"] for part in parts], "merged_from": paths,
+              "machine": [part["machine"] for part in parts], "settings": parts[0]["settings"],
+              "runs": runs, "summary": summarize(runs), "total_s": sum(part["total_s"] for part in parts)}
+    atomic_write_json(out, result)
+    print_tables(result)
+    print(f"written: {out} (wall {result['total_s']:.0f}s over {len(parts)} processes)")
+    return result
+
+
+def summarize(runs: list[dict]) -> dict:
+    return {
         "auc_records": C.mean_ci([r["auc_records"] for r in runs]),
         "auc_proxies": C.mean_ci([r["auc_proxies"] for r in runs]),
         "auc_best_for_clustering": C.mean_ci([r["auc_best_for_clustering"] for r in runs]),
@@ -151,13 +189,6 @@ def main(argv=None) -> dict:
         "bad_share": {n: C.mean_ci([r["bad_share"][n] for r in runs]) for n in CONDITIONS},
         "wall_s_per_shed_run": C.mean_ci([r["wall_s"] for r in runs]),
     }
-    result = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-              "machine": C.machine(torch), "settings": vars(args) | {"shed": base.model_dump(mode="json")},
-              "runs": runs, "summary": summary, "total_s": time.perf_counter() - t_all}
-    atomic_write_json(args.out, result)
-    print_tables(result)
-    print(f"written: {args.out} (wall {result['total_s']:.0f}s)")
-    return result
 
 
 def print_tables(result: dict) -> None:
@@ -183,4 +214,8 @@ def print_tables(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--merge":  # --merge A.json B.json ... --out OUT.json
+        files = sys.argv[2:sys.argv.index("--out")] if "--out" in sys.argv else sys.argv[2:]
+        merge(files, sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else "merged.json")
+    else:
+        main()

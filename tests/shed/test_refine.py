@@ -160,3 +160,37 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return bool(torch.equal(x, y))
+
+
+class SeededTaskValue(TaskValue):
+    """TaskValue whose training seed decides which proxy it never sees (as batch priorities can)."""
+
+    def __init__(self, proxy_records):
+        super().__init__(proxy_records)
+        self.seeds: set[int] = set()
+
+    def evaluate(self, coalition: frozenset, seed: int) -> float:
+        self.seeds.add(seed)
+        return float(sum(self.w[i] for i in coalition if i != seed % len(self.w)))
+
+    def __call__(self, coalition: frozenset) -> float:
+        return self.evaluate(coalition, 0)
+
+
+def test_train_seeds_per_unit(records):
+    made = []
+
+    def factory(proxies, val):
+        made.append(SeededTaskValue(proxies))
+        return made[-1]
+
+    fixed = refine(records, fake(iterations=6, noise_seeds=0), value_factory=factory)
+    assert fixed.values[0] == 0.0 and made[-1].seeds == {0}  # seed 0 never sees proxy 0, in any permutation
+    per = refine(records, fake(iterations=6, noise_seeds=0, train_seeds="per_unit"), value_factory=factory)
+    assert made[-1].seeds == {0} | {1000 + u for u in range(6)}  # one training seed per unit (permutation)
+    w = np.array(made[-1].w)
+    missed = {(1000 + u) % len(w) for u in range(6)}  # each missed by one unit of six
+    np.testing.assert_allclose(per.values, w * [5 / 6 if c in missed else 1.0 for c in range(len(w))])
+    assert per.reliability.evaluations == per.shapley.evaluations > fixed.shapley.evaluations
+    with pytest.raises(MiraError, match="train_seeds"):
+        refine(records, fake(train_seeds="per_unit"), value_factory=lambda proxies, val: TaskValue(proxies))

@@ -180,3 +180,25 @@ def test_cached_value_wraps_once():
     cv = CachedValue(lambda s: float(len(s)))
     assert cv(frozenset({1, 2})) == 2.0 and cv(frozenset({2, 1})) == 2.0
     assert (cv.evaluations, cv.hits) == (1, 1)
+
+
+def test_per_unit_value_functions_average_the_luck_of_a_seed():
+    """``unit_value``: each unit (antithetic pair) plays its own game, e.g. v trained with its own seed. A player that
+    one seed never draws is worth 0 under that seed; with one fixed seed it is 0 in every round, with a seed per
+    unit its value is the average over the units (the Shapley value of the expected game)."""
+    w = np.array([1.0, 2.0, -1.0, 0.5, 3.0, -2.0])
+
+    def game(unit):  # seed ``unit`` misses player unit % 6 (its worth is not seen under that seed)
+        return lambda s: float(sum(w[i] for i in s if i != unit % 6))
+
+    fixed = monte_carlo_shapley(6, game(0), iterations=12, group_size=1, seed=1, antithetic=True)
+    assert fixed.values[0] == 0.0  # seed 0 never sees player 0: no permutation can fix that
+    per = monte_carlo_shapley(6, game(0), iterations=12, group_size=1, seed=1, antithetic=True, unit_value=game)
+    np.testing.assert_allclose(per.values, w * 5 / 6, atol=1e-12)  # 6 units, each misses one player
+    assert per.v_empty == 0.0 and per.v_full == pytest.approx(w[1:].sum())  # reported: ``value``'s own
+    # evaluations count every unit's games (v(empty) and v(N) of each included)
+    assert per.evaluations > fixed.evaluations
+    same = monte_carlo_shapley(6, game(0), iterations=12, group_size=2, seed=4, antithetic=True, center=True,
+                               unit_value=lambda u: game(0))
+    ref = monte_carlo_shapley(6, game(0), iterations=12, group_size=2, seed=4, antithetic=True, center=True)
+    np.testing.assert_allclose(same.values, ref.values, atol=1e-12)  # the same game in every unit: unchanged

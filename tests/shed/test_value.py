@@ -107,3 +107,25 @@ def test_dolly_with_stories260k(assets):
     res = refine(recs, s)
     assert len(res.records) == round(0.2 * len(res.candidates))
     assert res.shapley.v_full != res.shapley.v_empty
+
+
+def test_record_weighting_gives_every_record_the_same_weight(demo_proxy, records):
+    """``loss_weighting: record``: the training loss is the mean of each record's own mean token loss."""
+    import torch
+
+    from mira.data.prompts import collate, tokenize_records
+    from mira.shed.value import record_mean_loss
+
+    ds = tokenize_records(records[:4], demo_proxy.tokenizer, 80, "compact", "truncate_input")
+    model = demo_proxy.model
+    with torch.no_grad():
+        one = [float(model(**collate(ds, [i], demo_proxy.pad_id)).loss) for i in range(len(ds))]
+        batch = collate(ds, list(range(len(ds))), demo_proxy.pad_id)
+        assert float(record_mean_loss(model, batch)) == pytest.approx(sum(one) / len(one), rel=1e-5)
+        assert float(record_mean_loss(model, collate(ds, [2], demo_proxy.pad_id))) == pytest.approx(one[2], rel=1e-5)
+    s = ShedSettings(steps=3, batch_size=4, max_length=80, lr=0.05)
+    token = LoraValue(demo_proxy, records[:6], records[-8:], s)
+    record = LoraValue(demo_proxy, records[:6], records[-8:], s.model_copy(update={"loss_weighting": "record"}))
+    everyone = frozenset(range(6))
+    assert ShedSettings().loss_weighting == "token"  # the default is unchanged
+    assert record(everyone) != token(everyone) and record(frozenset()) == token(frozenset())

@@ -86,6 +86,9 @@ def refine_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of the v(S) fine-tunes "
                                                           "[default: 0.1 with sgd, 3e-3 with adamw]"),
     metric: str = typer.Option("neg_loss", "--metric", help="neg_loss or token_accuracy"),
+    loss_weighting: str = typer.Option("token", "--loss-weighting",
+                                       help="training loss of v(S): token (mean over tokens) or record "
+                                            "(mean over records, each its mean token loss)"),
     embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder",
                                  help="sentence-transformers model (name or folder) or 'hashing'"),
     embed_fields: str = typer.Option("split", "--embed-fields",
@@ -93,6 +96,9 @@ def refine_cmd(
     tolerance: Optional[float] = typer.Option(None, "--tolerance",
                                               help="truncate a permutation once |v(S)-v(N)| < tol*|v(N)-v(empty)| "
                                                    "[default: the measured noise of one v(S)]"),
+    train_seeds: str = typer.Option("fixed", "--train-seeds",
+                                    help="v(S) training seed: fixed (one for all permutations) or per_unit "
+                                         "(one per permutation pair)"),
     noise_seeds: int = typer.Option(2, "--noise-seeds",
                                     help="extra training seeds of v(N) to measure the noise of v(S)"),
     reliability_threshold: float = typer.Option(0.5, "--reliability-threshold",
@@ -121,9 +127,10 @@ def refine_cmd(
         "clusters": clusters, "iterations": iterations, "group_size": group_size, "antithetic": antithetic,
         "center": center, "beta": beta, "standardize": standardize, "seed": seed, "val_fraction": val_fraction,
         "max_val": max_val, "steps": steps, "background": background, "optimizer": optimizer, "lr": lr,
-        "metric": metric, "embedder": embedder,
+        "metric": metric, "loss_weighting": loss_weighting, "embedder": embedder,
         "embed_fields": embed_fields, "tolerance": tolerance,
-        "noise_seeds": noise_seeds, "reliability_threshold": reliability_threshold, "max_length": max_length,
+        "noise_seeds": noise_seeds, "train_seeds": train_seeds, "reliability_threshold": reliability_threshold,
+        "max_length": max_length,
         "template": template,
     }
     settings = ShedSettings.from_mapping(raw, flags=True)

@@ -216,18 +216,27 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
         log(f"Shapley values of {clustering.k} proxies: {s.iterations} iterations"
             f"{' (antithetic pairs)' if s.antithetic else ''}, groups of {group}, truncation tolerance "
             f"{tolerance:.3g} of |v(N) - v(empty)|")
+        unit_value = None
+        if s.train_seeds == "per_unit":
+            if evaluate is None:
+                raise MiraError("train_seeds: per_unit needs a value function with evaluate(coalition, seed)",
+                                where="train_seeds")
+            # unit u trains with seed + 1000 + u (the noise check uses seed + 1 .. seed + noise_seeds)
+            unit_value = lambda u: (lambda c: float(evaluate(c, s.seed + 1000 + u)))  # noqa: E731
         shap = monte_carlo_shapley(clustering.k, cached, iterations=s.iterations, group_size=group, seed=s.seed,
                                    tolerance=tolerance, credit=s.credit, antithetic=s.antithetic, center=s.center,
-                                   progress=progress)
+                                   progress=progress, unit_value=unit_value)
     finally:
         restore = getattr(cached.fn, "restore", None)
         if restore:  # leave the shared proxy model's adapter as we found it (fresh)
             restore()
     timings["shapley_s"] = shap.seconds
     extra = len(noise) - 1 + max(0, len(marginals) - 1)  # evaluations outside the cache (other seeds)
-    per_eval = (cached.seconds + noise_seconds) / max(1, cached.evaluations + extra)
+    # per-unit seeds: the permutations' v(S) are outside ``cached``; shap.seconds is (nearly all) their time
+    eval_seconds = cached.seconds + noise_seconds + (shap.seconds if s.train_seeds == "per_unit" else 0.0)
+    per_eval = eval_seconds / max(1, shap.evaluations + extra)
     reliability = assess(shap, threshold=s.reliability_threshold, noise_values=noise if len(noise) > 1 else (),
-                         marginal_noise=marginals, evaluations=cached.evaluations + extra, cache_hits=shap.cache_hits,
+                         marginal_noise=marginals, evaluations=shap.evaluations + extra, cache_hits=shap.cache_hits,
                          seconds_per_evaluation=per_eval)
 
     t0 = time.perf_counter()

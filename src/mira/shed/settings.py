@@ -65,6 +65,9 @@ class ShedSettings(BaseModel):
     # truncation: stop a permutation once |v(S) - v(N)| < tolerance * |v(N) - v(empty)|; None = the
     # measured noise of one v(S) (the marginals left are below what one v(S) can resolve)
     tolerance: Optional[float] = Field(None, ge=0, lt=1)
+    # training seed of v(S): "fixed" = one seed (one set of batch priorities) for every permutation; "per_unit"
+    # = each permutation (antithetic pair) trains with its own seed, marginals within it still paired
+    train_seeds: Literal["fixed", "per_unit"] = "fixed"
     noise_seeds: int = Field(2, ge=0)  # extra training seeds of v(all proxies), to measure the noise of one v(S)
     reliability_threshold: float = Field(0.5, ge=-1, le=1)  # split-half rank correlation below this: noise
     # value function v(S): LoRA fine-tune of the proxy model for a fixed number of steps, scored on validation data
@@ -78,6 +81,9 @@ class ShedSettings(BaseModel):
     background: int = Field(24, ge=0)  # non-proxy records every v(S) also trains on (see mira.shed.value)
     warm_start_steps: int = Field(0, ge=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # of the v(S) fine-tunes (SGD: marginals far less chaotic)
+    # the training loss of v(S): "token" = mean over every response token of the batch (a record weighs as
+    # many tokens as it has); "record" = mean of each record's own mean token loss (every record weighs the same)
+    loss_weighting: Literal["token", "record"] = "token"
     lr: Optional[float] = Field(None, gt=0)  # default: DEFAULT_LR[optimizer]
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(128, gt=8)

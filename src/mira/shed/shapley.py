@@ -169,8 +169,15 @@ def group_orders(n_players: int, group_size: int, iterations: int, seed: int,
 def monte_carlo_shapley(n_players: int, value: ValueFn, *, iterations: int = 10, group_size: int = 60,
                         seed: int = 0, tolerance: float = 0.0, credit: Literal["group", "split"] = "group",
                         antithetic: bool = False, center: bool = False,
-                        progress: Optional[ProgressFn] = None) -> ShapleyResult:
-    """Estimate Shapley values of ``n_players`` players under ``value`` (see the module docstring)."""
+                        progress: Optional[ProgressFn] = None,
+                        unit_value: Optional[Callable[[int], ValueFn]] = None) -> ShapleyResult:
+    """Estimate Shapley values of ``n_players`` players under ``value`` (see the module docstring).
+
+    ``unit_value(unit)``, when given, is the value function of the rounds of one unit (a permutation, or an
+    antithetic pair): e.g. ``v`` trained with that unit's own training seed. Within a round every marginal
+    is then paired (both coalitions under the same seed), while luck that a seed deals a player (batch
+    priorities that never draw it) averages out over the units instead of being the same in every round.
+    ``value`` still gives the reported ``v_empty`` / ``v_full``; each unit's truncation uses its own."""
     if n_players < 1:
         raise ValueError("need at least one player")
     if iterations < 1 or group_size < 1:
@@ -194,17 +201,26 @@ def monte_carlo_shapley(n_players: int, value: ValueFn, *, iterations: int = 10,
     units = np.array([it // 2 if antithetic else it for it in range(iterations)], dtype=np.int64)
     truncated = 0
     log: list[dict] = []
+    unit_fns: dict[int, tuple[CachedValue, float, float]] = {}
     for it, groups in enumerate(orders):
-        current, v_cur = frozenset(), v_empty
+        vu, ve, vf = v, v_empty, v_full
+        if unit_value is not None:
+            unit = int(units[it])
+            if unit not in unit_fns:
+                fn = unit_value(unit)
+                fn = fn if isinstance(fn, CachedValue) else CachedValue(fn)
+                unit_fns[unit] = (fn, fn(frozenset()), fn(everyone))
+            vu, ve, vf = unit_fns[unit]
+        current, v_cur = frozenset(), ve
         done = 0
-        evals_before = v.evaluations
+        evals_before = vu.evaluations
         for j, group in enumerate(groups):
             positions[it, group] = j
         for group in groups:
-            if abs(v_full - v_cur) < threshold:
+            if abs(vf - v_cur) < threshold:
                 break
             bigger = current.union(group.tolist())
-            v_next = v_full if len(bigger) == n_players else v(bigger)
+            v_next = vf if len(bigger) == n_players else vu(bigger)
             marginal = v_next - v_cur
             credits[it, group] = marginal if credit == "group" else marginal / len(group)
             current, v_cur = bigger, v_next
@@ -216,10 +232,12 @@ def monte_carlo_shapley(n_players: int, value: ValueFn, *, iterations: int = 10,
         if progress and skipped:
             progress(skipped, total)
         log.append({"iteration": it, "groups_evaluated": done, "groups_truncated": skipped,
-                    "new_evaluations": v.evaluations - evals_before})
+                    "new_evaluations": vu.evaluations - evals_before})
     values = estimate_values(credits, positions, center)
+    evaluations = v.evaluations + sum(fn.evaluations for fn, _, _ in unit_fns.values())
+    hits = v.hits - hits_before + sum(fn.hits for fn, _, _ in unit_fns.values())
     return ShapleyResult(values=values, credits=credits, positions=positions, units=units, v_empty=v_empty,
-                         v_full=v_full, evaluations=v.evaluations, cache_hits=v.hits - hits_before,
+                         v_full=v_full, evaluations=evaluations, cache_hits=hits,
                          truncated_groups=truncated,
                          total_groups=total, seconds=time.perf_counter() - t0, centered=center,
                          antithetic=antithetic, tolerance=tolerance, iteration_log=log)

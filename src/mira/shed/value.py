@@ -33,6 +33,11 @@ sample of that many *non-proxy* candidate records, drawn into the batches like m
 A proxy's marginal is then what it adds to a training set that is never tiny, instead of the
 chaotic first steps on a handful of records (where whichever records come first dominate).
 
+Loss weighting (``loss_weighting``): ``token`` (default) trains on the model's own loss, the mean over
+every response token of a batch, so a record weighs as many tokens as it has (a two-token non-answer
+barely moves the adapter); ``record`` averages each record's own mean token loss, every record of a
+batch weighing the same (``record_mean_loss``).
+
 Warm start (``warm_start_steps > 0``): the starting state is not the fresh LoRA
 initialisation but an adapter first trained that many steps on the *non-proxy*
 candidate records (the same for every S). The short runs for v(S) then measure what a
@@ -90,6 +95,23 @@ def token_accuracy(model, ds: TokenizedDataset, pad_id: int, batch_size: int) ->
         correct += int(((logits[:, :-1].argmax(-1) == labels) & mask).sum())
         count += int(mask.sum())
     return correct / count if count else float("nan")
+
+
+def record_mean_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The mean over the batch's records of each record's mean next-token NLL on its response tokens.
+
+    Every record weighs the same, however long its response (the model's own loss weighs each record by
+    its token count, so a two-token non-answer barely moves the adapter). Records without a response token
+    are left out."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                            labels.clamp(min=0).reshape(-1), reduction="none").view(labels.shape)
+    counts = mask.sum(dim=1)
+    per_record = (nll * mask).sum(dim=1) / counts.clamp(min=1)
+    keep = counts > 0
+    return per_record[keep].mean() if bool(keep.any()) else (logits.sum() * 0.0)
 
 
 @dataclass
@@ -188,7 +210,11 @@ class LoraValue:
         torch.manual_seed(seed)  # dropout masks
         t0 = time.perf_counter()
         for rows in batches:
-            loss = model(**collate(self.train_ds, rows, self.proxy.pad_id, device)).loss
+            batch = collate(self.train_ds, rows, self.proxy.pad_id, device)
+            if self.s.loss_weighting == "record":
+                loss = record_mean_loss(model, batch)
+            else:
+                loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
