@@ -292,7 +292,7 @@ class BlackBoxModel:
             mask[row, : len(p)] = 1
         with self.lock:
             if len(prefixes) == 1:
-                return self._full_forward(prefixes[0]).logits[0, -1].float().cpu()[None]
+                return last_row(self._full_forward(prefixes[0]))[None]
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         last = torch.tensor(lengths) - 1
         return logits[torch.arange(len(prefixes)), last.to(logits.device)].float().cpu()
@@ -301,31 +301,42 @@ class BlackBoxModel:
         """The canonical computation: one forward of the whole prefix (with a cache for a draft to go on)."""
         return self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
 
+    def _step(self, token: int, cache):
+        """Feed one token after ``cache``; the model's output (its cache and last row)."""
+        return self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True)
+
+    def _greedy(self, row: torch.Tensor, length: int, n: int, step) -> tuple[list[int], torch.Tensor, str]:
+        """Greedy tokens from ``row``, the logits after a sequence of ``length`` tokens: up to ``n``,
+        ending at EOS or where the next forward would not fit the context; ``step(token)`` feeds a
+        token and returns the next row. ``(tokens, [m, vocab] logits, stop)``."""
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        while True:
+            token = int(row.argmax())
+            tokens.append(token)
+            rows.append(row)
+            if token in self.eos_ids:
+                return tokens, torch.stack(rows), "eos"
+            if len(tokens) == n:
+                return tokens, torch.stack(rows), "length"
+            if length + len(tokens) > self.context_length:
+                return tokens, torch.stack(rows), "context"
+            row = step(token)
+
     @torch.no_grad()
     def draft(self, prefix: list[int], n: int) -> tuple[list[int], torch.Tensor, str]:
         """``n`` greedy tokens after ``prefix`` with the KV cache; ``(tokens, [m, vocab] logits, stop)``."""
-        tokens: list[int] = []
-        rows: list[torch.Tensor] = []
-        stop = "length"
         with self.lock:
             out = self._full_forward(prefix)  # row 0 is bit-identical to /v1/logits of this prefix
-            while True:
-                row = out.logits[0, -1].float().cpu()
-                token = int(row.argmax())
-                tokens.append(token)
-                rows.append(row)
-                if token in self.eos_ids:
-                    stop = "eos"
-                    break
-                if len(tokens) == n:
-                    break
-                if len(prefix) + len(tokens) > self.context_length:  # the next forward would not fit
-                    stop = "context"
-                    break
-                out = self.model(input_ids=torch.tensor([[token]], device=self.device),
-                                 past_key_values=out.past_key_values, use_cache=True)
-        return tokens, torch.stack(rows), stop
+            cache = out.past_key_values
 
+            def step(token: int) -> torch.Tensor:
+                nonlocal cache
+                o = self._step(token, cache)
+                cache = o.past_key_values
+                return last_row(o)
+
+            return self._greedy(last_row(out), len(prefix), n, step)
 
     # -- sessions (under the lock) -------------------------------------------------------------
     def session(self, owner: str, sid: str) -> Session:
@@ -343,7 +354,7 @@ class BlackBoxModel:
     def open_session(self, owner: str, prefix: list[int]) -> Session:
         """Prefill ``prefix`` with the canonical computation; a new session of ``owner``."""
         out = self._full_forward(prefix)
-        s = self.sessions.add(owner, prefix, out.past_key_values, out.logits[0, -1].float().cpu(), canonical=True)
+        s = self.sessions.add(owner, prefix, out.past_key_values, last_row(out), canonical=True)
         if s.id not in self.sessions.sessions:
             raise RequestError(413, "session_too_large", f"the prefix needs more than the server's "
                                                          f"{self.limits.max_session_bytes} bytes of KV cache")
@@ -359,7 +370,7 @@ class BlackBoxModel:
                                                         f"model's context of {self.context_length}")
         if canonical:
             out = self._full_forward(new)
-            s.cache, s.last, s.last_canonical = out.past_key_values, out.logits[0, -1].float().cpu(), True
+            s.cache, s.last, s.last_canonical = out.past_key_values, last_row(out), True
         elif new != s.ids:
             same = 0
             for a, b in zip(new, s.ids):
@@ -370,7 +381,7 @@ class BlackBoxModel:
             crop_cache(s.cache, keep)
             out = self.model(input_ids=torch.tensor([new[keep:]], device=self.device), past_key_values=s.cache,
                              use_cache=True)
-            s.cache, s.last, s.last_canonical = out.past_key_values, out.logits[0, -1].float().cpu(), False
+            s.cache, s.last, s.last_canonical = out.past_key_values, last_row(out), False
         s.ids, s.committed = new, len(new)
         self._fit(s)
 
@@ -378,28 +389,21 @@ class BlackBoxModel:
     def session_draft(self, s: Session, n: int) -> tuple[list[int], torch.Tensor, str, bool]:
         """``n`` greedy tokens from where the session stands; ``(tokens, logits, stop, first_canonical)``."""
         first_canonical = s.last_canonical
-        tokens: list[int] = []
-        rows: list[torch.Tensor] = []
-        stop = "length"
-        while True:
-            row = s.last
-            token = int(row.argmax())
-            tokens.append(token)
-            rows.append(row)
-            if token in self.eos_ids:
-                stop = "eos"
-                break
-            if len(tokens) == n:
-                break
-            if len(s.ids) + 1 > self.context_length:
-                stop = "context"
-                break
-            out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=s.cache,
-                             use_cache=True)
-            s.cache, s.last, s.last_canonical = out.past_key_values, out.logits[0, -1].float().cpu(), False
+
+        def step(token: int) -> torch.Tensor:
+            out = self._step(token, s.cache)
+            s.cache, s.last, s.last_canonical = out.past_key_values, last_row(out), False
             s.ids.append(token)
+            return s.last
+
+        tokens, rows, stop = self._greedy(s.last, len(s.ids), n, step)
         self._fit(s)
-        return tokens, torch.stack(rows), stop, first_canonical
+        return tokens, rows, stop, first_canonical
+
+
+def last_row(out) -> torch.Tensor:
+    """The logits after the last position of a one-sequence model output, in float32 on the CPU."""
+    return out.logits[0, -1].float().cpu()
 
 
 def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
