@@ -165,24 +165,21 @@ class LocalFederation:
             cmd += ["--enable-supernode-auth"]
         proc = self._start("superlink", cmd, self.workdir / "flwr_superlink")
         t0 = time.monotonic()
-        while "Application startup complete" not in proc.text(since_start=True):
+        # ready: uvicorn logged "startup complete" (it does so before it binds) and the port accepts
+        while not ("Application startup complete" in proc.text(since_start=True) and self._accepts()):
             if not proc.alive():
                 raise MiraError(f"the SuperLink exited: {proc.text(since_start=True)[-800:]}")
             if time.monotonic() - t0 > timeout:
-                raise MiraError(f"the SuperLink did not start within {timeout:.0f}s")
-            time.sleep(0.2)
-        # uvicorn logs "startup complete" before it binds the port: wait until it accepts
-        while True:
-            try:
-                socket.create_connection((self.host, self.port), timeout=1.0).close()
-                break
-            except OSError:
-                if not proc.alive():
-                    raise MiraError(f"the SuperLink exited: {proc.text(since_start=True)[-800:]}")
-                if time.monotonic() - t0 > timeout:
-                    raise MiraError(f"the SuperLink did not open {self.host}:{self.port} within {timeout:.0f}s")
-                time.sleep(0.05)
+                raise MiraError(f"the SuperLink did not start (and open {self.host}:{self.port}) within {timeout:.0f}s")
+            time.sleep(0.1)
         return proc
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=1.0).close()
+            return True
+        except OSError:
+            return False
 
     def node_key(self, i: int, registered: bool = True) -> Path:
         """Node ``i``'s private key (created on first use); registered with the SuperLink if asked."""
