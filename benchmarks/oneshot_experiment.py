@@ -58,6 +58,8 @@ import numpy as np
 import torch
 import yaml
 
+from mira.io import atomic_write_json
+
 torch.set_num_threads(int(os.environ["MIRA_THREADS"]))
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,13 +246,6 @@ def plot(result: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def save(path: str, result: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-
-
 def combine(files: list[str], out: str) -> int:
     parts = [json.loads(Path(f).read_text()) for f in files]
     seen, runs = set(), []
@@ -268,7 +263,7 @@ def combine(files: list[str], out: str) -> int:
               "parts": [{"file": f, "command": part["command"], "wall_s": part["wall_s"], "seeds": part["seeds"],
                          "threads": part.get("threads")} for f, part in zip(files, parts)],
               "runs": runs, "summary": summarise(runs, models, merged_tuning)}
-    save(out, merged)
+    atomic_write_json(out, merged)
     print(table(merged["summary"]))
     return 0
 
@@ -342,7 +337,7 @@ def main(argv=None) -> int:
 
     def record(row):
         runs.append(row)
-        save(args.out, {**meta, "models": infos, "tuning": tuning, "runs": runs, "summary": summarise(runs, infos, tuning),
+        atomic_write_json(args.out, {**meta, "models": infos, "tuning": tuning, "runs": runs, "summary": summarise(runs, infos, tuning),
                         "wall_s": time.perf_counter() - t_all})
 
     ws_cache: dict = {}
@@ -379,7 +374,7 @@ def main(argv=None) -> int:
                         f"local {r['local']:.4f} ({r['wall_s']:.0f}s)")
     result = {**meta, "models": infos, "tuning": tuning, "runs": runs, "summary": summarise(runs, infos, tuning),
               "wall_s": time.perf_counter() - t_all}
-    save(args.out, result)
+    atomic_write_json(args.out, result)
     print(table(result["summary"]))
     log(f"done in {time.perf_counter() - t_all:.0f}s; results in {args.out}")
     return 0
