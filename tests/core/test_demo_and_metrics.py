@@ -50,3 +50,16 @@ def test_demo_model_is_built_once_and_cached(tmp_path, monkeypatch):
     model, tok = load_base("builtin:demo")
     assert model.config.num_hidden_layers == 3 and tok.eos_token == "</s>"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo-")]
+
+
+def test_gsm8k_answer_reads_the_final_number():
+    from mira.eval.metrics import gsm8k_answer, gsm8k_exact_match
+
+    assert gsm8k_answer("3 + 4 = <<3+4=7>>7 apples\n#### 7") == "7"
+    assert gsm8k_answer("so she pays #### 1,250.00 dollars, not 3") == "1250"
+    assert gsm8k_answer("He has 5, then 6.50 in all.") == "6.5"  # no ####: the last number
+    assert gsm8k_answer("#### -3") == "-3"
+    assert gsm8k_answer("no number here") is None
+    refs = ["... #### 18", "... #### 3", "... #### 70000"]
+    assert gsm8k_exact_match(["so 18", "#### 4", "the answer is 70,000"], refs) == [1.0, 0.0, 1.0]
+    assert gsm8k_exact_match(["nothing"], ["#### 1"]) == [0.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 
 def test_proxy_train_writes_a_loadable_peft_adapter(zoo):
@@ -96,3 +97,40 @@ def test_the_server_app_serves_in_process(zoo):
         assert http.get("/health").json()["max_draft"] == 3
         r = http.post("/v1/draft", json={"prefix": [1, 2], "n": 3}, headers={"Authorization": "Bearer k"})
         assert r.status_code == 200 and 1 <= len(r.json()["tokens"]) <= 3
+
+
+def _dolly(path, n=24):
+    rows = [{"instruction": f"Reverse the words {i}", "context": "", "response": f"words the reverse {i}",
+             "category": "open_qa"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_proxy_shrink_distils_its_source_into_the_kept_layers(cli, zoo, tmp_path, capsys):
+    out = tmp_path / "proxy"
+    rc = cli(["proxy", "shrink", "--source", str(zoo.target), "--out", str(out), "--keep-layers", "1",
+              "--heal-dolly", str(_dolly(tmp_path / "dolly.jsonl")), "--heal-distill", "--heal-steps", "4",
+              "--heal-batch", "4", "--heal-lr", "3e-3", "--max-length", "96"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "shrink.json").read_text())
+    assert report["kept_layers"] == [1] and report["heal"]["mode"] == "distill"
+    assert report["heal"]["train_tokens"] > 0 and report["heal"]["heldout_loss_after"] > 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_proxy_shrink_with_no_record_that_fits_exits_2(cli, zoo, tmp_path, capsys):
+    assert cli(["proxy", "shrink", "--source", str(zoo.target), "--out", str(tmp_path / "p"), "--keep-layers", "1",
+                "--heal-dolly", str(_dolly(tmp_path / "dolly.jsonl")), "--heal-distill", "--max-length", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-length" in err and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("layers, expected", [("0-x", "--keep-layers"), ("0,1", "--keep-layers"),
+                                              ("1,0", "--keep-layers")])
+def test_proxy_shrink_bad_layers_exit_2_with_one_line(cli, zoo, tmp_path, capsys, layers, expected):
+    assert cli(["proxy", "shrink", "--source", str(zoo.target), "--out", str(tmp_path / "p"),
+                "--keep-layers", layers]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()

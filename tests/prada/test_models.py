@@ -92,3 +92,85 @@ def test_shrink_llama_keeps_the_chosen_layers_and_the_vocabulary():
     assert float((out.logits[0, -1] - full).abs().max()) < 1e-5  # the KV cache works on the kept layers
     with pytest.raises(MiraError):
         shrink_llama(src, keep_first=4, keep_last=1)
+
+
+def _five_layer_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
+                                        num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=32)).eval()
+
+
+def test_select_layers_keeps_any_increasing_subset_and_refuses_the_rest():
+    from mira.prada.models import select_layers
+
+    src = _five_layer_llama()
+    small = select_layers(src, [0, 2, 3])
+    assert small.config.num_hidden_layers == 3
+    for layer, kept in zip(small.model.layers, (0, 2, 3)):
+        assert torch.equal(layer.self_attn.q_proj.weight, src.model.layers[kept].self_attn.q_proj.weight)
+    assert [layer.self_attn.layer_idx for layer in small.model.layers] == [0, 1, 2]
+    for bad in ([], [0, 1, 2, 3, 4], [2, 1], [0, 0, 1], [0, 5], [-1, 2]):
+        with pytest.raises(MiraError):
+            select_layers(src, bad)
+
+
+def test_pack_joins_examples_into_full_blocks_with_every_token_in_the_loss():
+    from mira.data.prompts import IGNORE, TokenizedDataset
+    from mira.prada.models import pack
+
+    ds = TokenizedDataset([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[IGNORE, 2, 3], [IGNORE, 5], [IGNORE, 7, 8, 9]], [], [0, 0, 0])
+    packed = pack(ds, 4)
+    assert packed.input_ids == [[1, 2, 3, 4], [5, 6, 7, 8]]  # the lone last token is no example
+    assert packed.labels == packed.input_ids
+
+
+def test_distillation_loss_is_zero_for_the_teacher_and_ignores_padding():
+    from mira.prada.models import distillation_loss
+
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 7)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert float(distillation_loss(t, t, mask)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(2, 3, 7)
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s[mask.bool()], -1), torch.log_softmax(t[mask.bool()], -1),
+                                     log_target=True, reduction="batchmean")
+    garbage = s.clone()
+    garbage[1, 2] = 1e4  # a padded position: must not count
+    assert float(distillation_loss(garbage, t, mask)) == pytest.approx(float(ref), rel=1e-5)
+    assert float(ref) > 0
+
+
+def test_distilling_a_shrunk_model_moves_it_towards_its_source():
+    """``pretrain(..., teacher=src)`` lowers KL(source || proxy) on the data it trains on."""
+    from mira.data.prompts import TokenizedDataset, collate
+    from mira.prada.models import distillation_loss, pretrain, select_layers
+
+    src = _five_layer_llama()
+    small = select_layers(src, [0, 4])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 64, (16, 12), generator=g).tolist()
+    ds = TokenizedDataset(ids, [list(x) for x in ids], [], [0] * 16)
+    batch = collate(ds, list(range(16)), 0)
+
+    def kl():
+        with torch.no_grad():
+            return float(distillation_loss(small(input_ids=batch["input_ids"]).logits,
+                                           src(input_ids=batch["input_ids"]).logits, batch["attention_mask"]))
+
+    before = kl()
+    teacher_weights = {k: v.clone() for k, v in src.state_dict().items()}
+    losses = pretrain(small, ds, 0, PretrainSettings(steps=30, lr=3e-3, batch_size=8), teacher=src)
+    assert kl() < 0.5 * before and losses[-1] < losses[0]
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in teacher_weights.items())  # the teacher is only read
+
+
+def test_parse_layers_reads_ranges_and_refuses_junk():
+    from mira.prada.cli import parse_layers
+
+    assert parse_layers("0-3,7,26-29") == [0, 1, 2, 3, 7, 26, 27, 28, 29]
+    assert parse_layers(None) is None
+    with pytest.raises(MiraError, match="--keep-layers|layer"):
+        parse_layers("0-a")

@@ -1,6 +1,8 @@
 """Test loss (mean NLL per response token) and greedy-generation metrics."""
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +50,25 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
     em = [float(pred.strip().lower() == ref.strip().lower()) for pred, ref in zip(predictions, references)]
     n = max(1, len(rouge))
     return {"rouge_l": sum(rouge) / n, "exact_match": sum(em) / n}
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The final number of a GSM8K solution: the one after ``####`` when there is one, else the
+    last number in the text; commas and a trailing ``.0`` dropped. None when there is no number."""
+    tail = text.split("####", 1)[1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    number = (found[0] if "####" in text else found[-1]).replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return number
+
+
+def gsm8k_exact_match(predictions: list[str], references: list[str]) -> list[float]:
+    """Per example: 1.0 when the prediction's final number equals the reference's, else 0.0."""
+    return [float(gsm8k_answer(p) is not None and gsm8k_answer(p) == gsm8k_answer(r))
+            for p, r in zip(predictions, references)]

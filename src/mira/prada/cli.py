@@ -88,11 +88,33 @@ def build_models_cmd(source: str = typer.Option(..., "--source", help="small pre
 
 
 # -- mira proxy shrink ----------------------------------------------------------------------
+def parse_layers(text: str | None) -> list[int] | None:
+    """``'0-7,26-29'`` -> ``[0, ..., 7, 26, ..., 29]``; a one-line error for anything else."""
+    if text is None:
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise MiraError(f"expected layer indices and ranges such as '0-7,26-29', got {text!r}",
+                        where="--keep-layers") from None
+    return layers
+
+
+
 @proxy_app.command("shrink")
 def shrink_cmd(source: str = typer.Option(..., "--source", help="a Llama folder or alias (e.g. smollm2-135m-instruct)"),
                out: Path = typer.Option(..., "--out", "-o", help="proxy folder to write"),
                keep_first: int = typer.Option(4, "--keep-first", help="keep this many of the first layers"),
                keep_last: int = typer.Option(1, "--keep-last", help="and this many of the last layers"),
+               keep_layers: str | None = typer.Option(None, "--keep-layers",
+                                                      help="source layers to keep, e.g. '0-7,26-29' "
+                                                           "(instead of --keep-first/--keep-last)"),
+               heal_distill: bool = typer.Option(False, "--heal-distill",
+                                                 help="heal by distilling SOURCE (KL on every token) "
+                                                      "instead of cross-entropy on the responses"),
                heal_dolly: str | None = typer.Option(None, "--heal-dolly",
                                                      help="databricks-dolly-15k.jsonl: heal the shrunk model on it"),
                heal_steps: int = typer.Option(60, "--heal-steps"),
@@ -117,7 +139,8 @@ def shrink_cmd(source: str = typer.Option(..., "--source", help="a Llama folder 
         records = records[:heal_records]
     report = write_shrunk_proxy(source, out, keep_first, keep_last, heal_records=records,
                                 heal=PretrainSettings(steps=heal_steps, lr=heal_lr, batch_size=heal_batch),
-                                max_length=max_length, seed=seed, log=lambda m: console.print(m, highlight=False))
+                                max_length=max_length, seed=seed, log=lambda m: console.print(m, highlight=False),
+                                distill=heal_distill, keep_layers=parse_layers(keep_layers))
     console.print(f"proxy written: {out} ({report['parameters']:,} parameters); report: {out}/shrink.json")
 
 

@@ -121,9 +121,36 @@ class PretrainSettings:
         return asdict(self)
 
 
+def pack(ds: TokenizedDataset, max_length: int) -> TokenizedDataset:
+    """The examples' tokens end to end, cut into blocks of ``max_length`` (no padding), the
+    loss on every token: a distillation stream, where every position carries signal."""
+    stream = [t for ids in ds.input_ids for t in ids]
+    out = TokenizedDataset([], [], [], [])
+    for start in range(0, len(stream) - 1, max_length):
+        block = stream[start:start + max_length]
+        if len(block) < 2:
+            break
+        out.input_ids.append(block)
+        out.labels.append(list(block))
+        out.prompt_lens.append(0)
+    return out
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over attended positions of KL(teacher || student) of the next-token distributions."""
+    keep = attention_mask.bool()
+    s = torch.log_softmax(student_logits[keep].float(), dim=-1)
+    t = torch.log_softmax(teacher_logits[keep].float(), dim=-1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
 def pretrain(model, ds: TokenizedDataset, pad_id: int, settings: PretrainSettings, seed: int = 0,
-             log: Log | None = None, name: str = "model") -> list[float]:
-    """Full-parameter AdamW with a one-cycle schedule; returns the per-step losses."""
+             log: Log | None = None, name: str = "model", teacher=None) -> list[float]:
+    """Full-parameter AdamW with a one-cycle schedule; returns the per-step losses.
+
+    With ``teacher`` (a model with the same vocabulary), the loss is ``distillation_loss``
+    against the teacher's next-token distributions instead of the labels' cross-entropy."""
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
@@ -133,7 +160,14 @@ def pretrain(model, ds: TokenizedDataset, pad_id: int, settings: PretrainSetting
     losses: list[float] = []
     t0 = time.perf_counter()
     for step, idx in enumerate(batch_indices(len(ds), settings.batch_size, settings.steps, seed)):
-        loss = model(**collate(ds, idx, pad_id)).loss
+        batch = collate(ds, idx, pad_id)
+        if teacher is None:
+            loss = model(**batch).loss
+        else:
+            with torch.no_grad():
+                z_teacher = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = distillation_loss(z, z_teacher, batch["attention_mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -243,13 +277,22 @@ def shrink_llama(src, keep_first: int, keep_last: int = 1):
     """A copy of the Llama ``src`` with only its first ``keep_first`` and last ``keep_last``
     decoder layers (embeddings, final norm and head unchanged), so that it shares the
     tokenizer and vocabulary. Its function is *not* the source's: the dropped layers are gone."""
-    import copy
-
     n = src.config.num_hidden_layers
     if keep_first < 0 or keep_last < 0 or keep_first + keep_last < 1 or keep_first + keep_last >= n:
         raise MiraError(f"keep 1 to {n - 1} of the {n} layers in all; got first {keep_first}, last {keep_last}",
                         where="--keep-first")
-    kept = list(range(keep_first)) + list(range(n - keep_last, n))
+    return select_layers(src, list(range(keep_first)) + list(range(n - keep_last, n)))
+
+
+def select_layers(src, kept: list[int]):
+    """A copy of the Llama ``src`` with only the decoder layers ``kept`` (source indices, in
+    order, each once), renumbered for the KV cache; embeddings, final norm and head unchanged."""
+    import copy
+
+    n = src.config.num_hidden_layers
+    if not kept or len(kept) >= n or sorted(set(kept)) != list(kept) or kept[0] < 0 or kept[-1] >= n:
+        raise MiraError(f"keep an increasing list of 1 to {n - 1} distinct layers out of 0..{n - 1}, got {kept}",
+                        where="--keep-layers")
     model = copy.deepcopy(src)
     model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in kept])
     for slot, layer in enumerate(model.model.layers):  # the KV cache indexes layers by this
@@ -263,23 +306,28 @@ def shrink_llama(src, keep_first: int, keep_last: int = 1):
 def write_shrunk_proxy(source: str, out_dir: str | Path, keep_first: int, keep_last: int = 1,
                        dtype: str = "float32", heal_records: list[Record] | None = None,
                        heal: PretrainSettings | None = None, max_length: int = 256, heldout: int = 16,
-                       seed: int = 0, log: Log | None = None) -> dict:
+                       seed: int = 0, log: Log | None = None, distill: bool = False,
+                       keep_layers: list[int] | None = None) -> dict:
     """``shrink_llama`` of ``source`` (a folder or an alias such as ``smollm2-135m-instruct``),
     saved with its tokenizer as a Hugging Face folder; returns (and writes) ``shrink.json``.
 
     With ``heal_records`` and ``heal``, the shrunk model is first given a short full-parameter
     pass (``pretrain``, loss on the responses) on those *public* records, so that the proxy
-    base is a working language model again; the held-out loss before and after is reported."""
+    base is a working language model again; the held-out loss before and after is reported.
+    With ``distill``, the pass distils the source instead: KL(source || proxy) on every token
+    of the records packed into ``max_length`` blocks (prompts included), which carries far more
+    signal per step than the responses' cross-entropy. ``keep_layers`` (source layer indices)
+    replaces ``keep_first``/``keep_last``."""
     from mira.models.loader import load_base
 
     t0 = time.perf_counter()
     src, tokenizer = load_base(source, dtype=dtype, device="cpu", where="--source")
     if getattr(src.config, "model_type", None) != "llama":
         raise MiraError(f"only Llama models can be shrunk, got {src.config.model_type!r}", where="--source")
-    model = shrink_llama(src, keep_first, keep_last)
     n_src = src.config.num_hidden_layers
-    report = {"source": str(source), "source_layers": n_src,
-              "kept_layers": list(range(keep_first)) + list(range(n_src - keep_last, n_src)),
+    kept = keep_layers if keep_layers is not None else list(range(keep_first)) + list(range(n_src - keep_last, n_src))
+    model = select_layers(src, kept)
+    report = {"source": str(source), "source_layers": n_src, "kept_layers": kept,
               "source_parameters": num_params(src), "parameters": num_params(model)}
     if heal_records and heal is not None:
         records = list(heal_records)
@@ -287,12 +335,23 @@ def write_shrunk_proxy(source: str, out_dir: str | Path, keep_first: int, keep_l
         held = tokenize_records(records[:heldout], tokenizer, max_length)
         train = tokenize_records(records[heldout:], tokenizer, max_length)
         sets = {"heldout": held}
-        report["heal"] = {"settings": heal.to_dict(), "records": len(train), "heldout_records": len(held),
+        if not len(train):
+            raise MiraError(f"no healing record fits {max_length} tokens ({len(records) - heldout} tried)",
+                            where="--max-length")
+        if distill:
+            train = pack(train, max_length)
+        report["heal"] = {"settings": heal.to_dict(), "mode": "distill" if distill else "cross-entropy",
+                          "records": len(records) - len(held), "train_sequences": len(train),
+                          "train_tokens": sum(len(x) for x in train.input_ids), "heldout_records": len(held),
                           "source_heldout_loss": _heldout_losses(src, sets, tokenizer.pad_token_id)["heldout"],
                           "heldout_loss_before": _heldout_losses(model, sets, tokenizer.pad_token_id)["heldout"]}
-        del src
+        teacher = src if distill else None
+        if not distill:
+            del src
         t1 = time.perf_counter()
-        losses = pretrain(model, train, tokenizer.pad_token_id, heal, seed=seed, log=log, name="proxy")
+        losses = pretrain(model, train, tokenizer.pad_token_id, heal, seed=seed, log=log, name="proxy",
+                          teacher=teacher)
+        teacher = src = None
         report["heal"].update(heldout_loss_after=_heldout_losses(model, sets, tokenizer.pad_token_id)["heldout"],
                               first_loss=round(losses[0], 4), last_loss=round(sum(losses[-5:]) / len(losses[-5:]), 4),
                               seconds=round(time.perf_counter() - t1, 1))
