@@ -214,7 +214,13 @@ def main() -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     alphas = [float(x) for x in args.alphas.split(",")]
     res = load_json(out) or {"runs": {}, "choices": {}}
-    res["config"] = vars(args)  # the choices and finished runs are kept; the settings are this run's
+    # a resumed run keeps the choices and finished units, so the settings behind them must not change
+    fixed = {k: vars(args)[k] for k in ("target", "proxy", "train", "val", "test", "generate", "max_new_tokens",
+                                        "steps", "max_length", "lrs", "alphas", "max_extend", "generate_seeds")}
+    if res.get("runs") and res.get("settings", fixed) != fixed:
+        changed = sorted(k for k in fixed if res["settings"].get(k) != fixed[k])
+        sys.exit(f"{out} holds runs made with other settings ({', '.join(changed)}): use another --out")
+    res["settings"], res["config"] = fixed, vars(args)
     res["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                       "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
@@ -266,7 +272,12 @@ def main() -> None:
         return model.eval()
 
     def unload(model):
-        model.unload() if hasattr(model, "unload") else None
+        model.unload()
+
+    def no_lora(*models):
+        """The shared bases carry no adapter (PEFT attaches in place; ``unload`` must have removed it)."""
+        for m in models:
+            assert not any("lora_" in n for n, _ in m.named_parameters()), "an adapter is still attached"
 
     # 1. choices on validation at the first seed
     s0 = seeds[0]
@@ -326,9 +337,11 @@ def main() -> None:
         print(f"   {key}: test NLL {run['test_nll']:.4f}{gen} ({time.perf_counter() - t0:.0f}s)", flush=True)
         save()
 
+    no_lora(target, proxy_base)
     score("target alone", model_logits(target),
           lambda: generate_all("target alone", target, None, 0.0, prompts, args.max_new_tokens, eos, tokenizer))
     for seed in seeds:
+        no_lora(target)
         pm = adapter("proxy", seed, res["choices"]["proxy"]["lr"])
         pair = ProxyPair(pm)
         score(f"proxy + LoRA/seed{seed}", model_logits(pm),
