@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -88,25 +87,6 @@ def prada_logits(target, pair, alpha: float):
     return fn
 
 
-@torch.no_grad()
-def prada_prada_alphas(target, pair, ds, pad_id: int, alphas: list[float]) -> dict[float, float]:
-    """Validation loss of Prada at every alpha, from one target and one proxy pass per batch."""
-    from mira.data.prompts import IGNORE, collate
-
-    totals, count = {a: 0.0 for a in alphas}, 0
-    order = sorted(range(len(ds)), key=lambda i: len(ds.input_ids[i]))
-    for start in range(0, len(order), 8):
-        batch = collate(ds, order[start:start + 8], pad_id)
-        z_t = target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        off = pair.teacher_forced_offsets(batch["input_ids"], batch["attention_mask"])
-        labels = batch["labels"][:, 1:].reshape(-1)
-        for a in alphas:
-            z = (z_t + a * off)[:, :-1].reshape(-1, z_t.size(-1))
-            totals[a] += float(F.cross_entropy(z, labels, ignore_index=IGNORE, reduction="sum"))
-        count += int((labels != IGNORE).sum())
-    return {a: totals[a] / count for a in alphas}
-
-
 # -- greedy generation ---------------------------------------------------------------------------
 @torch.no_grad()
 def greedy(next_scores, prompt: list[int], max_new: int, eos: set[int]) -> list[int]:
@@ -151,16 +131,11 @@ def generate_all(system: str, target, pair, alpha: float, prompts: list[list[int
 
 
 # -- statistics ----------------------------------------------------------------------------------
-def ci95(xs: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of the t interval (n - 1 degrees of freedom)."""
-    from scipy import stats
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of the 95% t interval (``mira.federated.compare.ci95``)."""
+    from mira.federated.compare import ci95
 
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return sum(xs) / len(xs), ci95(xs)
 
 
 # -- the experiment ------------------------------------------------------------------------------
@@ -206,6 +181,7 @@ def main() -> None:
     from mira.prada.offset import ProxyPair
     from mira.prada.train import AdapterTraining, train_adapter
     from peft import PeftModel
+    from prada_experiment import combined_loss  # Prada's loss at every alpha, one target pass per batch
     from rich.console import Console
 
     assets, work = Path(args.assets), Path(args.workdir)
@@ -306,7 +282,7 @@ def main() -> None:
         save()
     if "alpha" not in res["choices"]:
         m = adapter("proxy", s0, res["choices"]["proxy"]["lr"])
-        vals = prada_prada_alphas(target, ProxyPair(m), val0, pad, alphas)
+        vals = combined_loss(target, ProxyPair(m), val0, pad, alphas)
         res["choices"]["alpha"] = {"validation_nll_by_alpha": {f"{a:g}": v for a, v in vals.items()},
                                    "alpha": min(vals, key=vals.get)}
         with torch.no_grad():
@@ -379,7 +355,7 @@ def summarize(res: dict) -> None:
             if not cols[m]:
                 cells.append("–")
                 continue
-            mean, half = ci95(cols[m])
+            mean, half = mean_ci(cols[m])
             n = f" ({len(cols[m])} seed{'s' if len(cols[m]) > 1 else ''})" if m != "test_nll" else ""
             cells.append((f"{mean:.4f}" if len(cols[m]) == 1 else f"{mean:.4f} ± {half:.4f}") + n)
         print(f"| {system} | " + " | ".join(cells) + " |")
@@ -389,16 +365,16 @@ def summarize(res: dict) -> None:
         for other in ("target + LoRA", "proxy + LoRA"):
             if other in per_seed and len(per_seed[other]["test_nll"]) == len(per_seed["Prada"]["test_nll"]):
                 d = [p - o for p, o in zip(per_seed["Prada"]["test_nll"], per_seed[other]["test_nll"])]
-                mean, half = ci95(d)
+                mean, half = mean_ci(d)
                 print(f"  Prada - {other}: {mean:+.4f} ± {half:.4f}")
         d = [p - base for p in per_seed["Prada"]["test_nll"]]
-        mean, half = ci95(d)
+        mean, half = mean_ci(d)
         print(f"  Prada - target alone: {mean:+.4f} ± {half:.4f}")
         if "target + LoRA" in per_seed:
             gain = [base - t for t in per_seed["target + LoRA"]["test_nll"]]
             got = [base - p for p in per_seed["Prada"]["test_nll"]]
             share = [g / w for g, w in zip(got, gain)]
-            mean, half = ci95(share)
+            mean, half = mean_ci(share)
             print(f"  share of the white-box gain Prada recovers: {mean:.3f} ± {half:.3f}")
 
 

@@ -103,7 +103,6 @@ def parse_layers(text: str | None) -> list[int] | None:
     return layers
 
 
-
 @proxy_app.command("shrink")
 def shrink_cmd(source: str = typer.Option(..., "--source", help="a Llama folder or alias (e.g. smollm2-135m-instruct)"),
                out: Path = typer.Option(..., "--out", "-o", help="proxy folder to write"),

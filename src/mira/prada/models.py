@@ -345,13 +345,12 @@ def write_shrunk_proxy(source: str, out_dir: str | Path, keep_first: int, keep_l
                           "train_tokens": sum(len(x) for x in train.input_ids), "heldout_records": len(held),
                           "source_heldout_loss": _heldout_losses(src, sets, tokenizer.pad_token_id)["heldout"],
                           "heldout_loss_before": _heldout_losses(model, sets, tokenizer.pad_token_id)["heldout"]}
-        teacher = src if distill else None
-        if not distill:
-            del src
+        teacher = src if distill else None  # the source is needed during healing only as the teacher
+        del src
         t1 = time.perf_counter()
         losses = pretrain(model, train, tokenizer.pad_token_id, heal, seed=seed, log=log, name="proxy",
                           teacher=teacher)
-        teacher = src = None
+        del teacher
         report["heal"].update(heldout_loss_after=_heldout_losses(model, sets, tokenizer.pad_token_id)["heldout"],
                               first_loss=round(losses[0], 4), last_loss=round(sum(losses[-5:]) / len(losses[-5:]), 4),
                               seconds=round(time.perf_counter() - t1, 1))
