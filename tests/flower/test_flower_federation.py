@@ -139,6 +139,46 @@ def test_killed_supernode_is_left_out_and_keeps_its_adapter(federations, referen
     assert fed.close(grace=2.0) == []  # nothing survives, the killed node's children included
 
 
+def test_a_node_that_left_may_be_replaced_and_the_rebinding_is_recorded(federations, tmp_path):
+    """After round 1 a new SuperNode says it is client 1 (registered, online); then client 1's own
+    SuperNode shuts down (SIGTERM: it leaves the SuperLink). Once the owner is offline, and only
+    then, the server binds partition 1 to the new node, logs why, records it in summary.json, and
+    the new node serves client 1 to the end."""
+    fed = federations()
+    fed.start_superlink()
+    fed.start_supernodes(N_CLIENTS, warm=True)
+    out = tmp_path / "run"
+    from mira.federated.flower import bundle
+    from mira.federated.flower.settings import RunSettings
+
+    run_id = fed.submit(bundle.config_text(flower_cfg(federation={"rounds": 10})),
+                        RunSettings(out_dir=str(out), straggler_timeout=30.0, round_timeout=300.0))
+    deadline = time.monotonic() + 400
+    while not (out / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline, fed.logs(run_id)[-3000:]
+        time.sleep(0.1)
+    new = fed.start_supernode(1, N_CLIENTS, name="replacement_1", warm=True)
+    while "SuperNode ID:" not in new.text():  # registered with the SuperLink
+        assert time.monotonic() < deadline and new.alive(), new.text()[-2000:]
+        time.sleep(0.2)
+    owner_left = int(read_json(out / "rounds.json")[-1]["round"]) if (out / "rounds.json").exists() else 1
+    fed.kill("supernode_1", signal.SIGTERM)
+
+    info = fed.wait(run_id, timeout=400)
+    assert info["status"] == "finished:completed", fed.logs(run_id)[-4000:]
+    s = read_json(out / "summary.json")
+    log = fed.logs(run_id)
+    assert len(s["flower"]["rebindings"]) == 1, "\n".join(x for x in log.splitlines() if "node" in x or "round" in x)
+    (rb,) = s["flower"]["rebindings"]
+    assert rb["client"] == 1 and rb["from_node"] != rb["to_node"] and "went offline" in rb["reason"]
+    assert rb["round"] >= max(2, owner_left) and s["flower"]["nodes"]["1"] == rb["to_node"]
+    assert f"client 1 re-bound from node {rb['from_node']} to node {rb['to_node']}: node {rb['from_node']} went offline" \
+        in log, log[-3000:]
+    assert sorted(c["id"] for c in s["clients"]) == [0, 1, 2]  # the new node evaluated client 1 at the end
+    assert "] fit round 10 in" in new.text()
+    assert fed.close(grace=2.0) == []
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

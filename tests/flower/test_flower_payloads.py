@@ -104,3 +104,45 @@ def test_a_node_refuses_an_adapter_that_does_not_fit_its_model(task_identity):
         send(wrong, keys)
     with pytest.raises(PayloadError, match="1 expected here are missing"):
         send({k: torch.zeros(s) for k, s in shapes.items()}, keys[:-1])  # one key short
+
+
+def test_flowers_own_clipping_mod_acts_on_mira_fit_messages(task_identity):
+    """The payloads are what Flower's mods expect (one ``ArrayRecord`` and one ``ConfigRecord``
+    down, one ``ArrayRecord`` with the same keys up): Flower's ``fixedclipping_mod`` (central DP
+    with client-side clipping), wrapped around mira's real ClientApp, clips the trained update to
+    the norm the server put into the fit config, and leaves its direction as it was."""
+    import numpy as np
+    import torch
+    from flwr.app import Context, Message, RecordDict
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    from mira.federated.flower import bundle
+    from mira.federated.flower.client_app import app
+    from mira.federated.flower.protocol import MSG_FIT, FitTask, TensorCodec, fit_content, parse_fit_reply
+
+    raw = flower_cfg(federation={"lr": 0.05})
+    shapes = _template(raw)
+    torch.manual_seed(0)
+    state = {k: 0.02 * torch.randn(s) for k, s in shapes.items()}
+    ctx = Context(run_id=1, node_id=100, state=RecordDict(), run_config={"mira-config": bundle.config_text(raw)},
+                  node_config={"partition-id": 0, "num-partitions": N_CLIENTS})
+
+    def message(clip=None):
+        content = fit_content(FitTask(TensorCodec(state, "float32").encode(state, list(shapes)), 1, 0))
+        if clip is not None:
+            content["fit"]["clipping_norm"] = float(clip)
+        return Message(content, dst_node_id=100, message_type=MSG_FIT)
+
+    sent = np.concatenate([state[k].numpy().ravel() for k in shapes])
+
+    def update(reply):
+        assert not reply.has_error(), reply.error
+        t, _ = parse_fit_reply(reply.content)
+        return np.concatenate([t.arrays[k].astype(np.float64).ravel() for k in shapes]) - sent
+
+    free = update(app(message(), ctx))  # no mod: the update as trained
+    norm = float(np.linalg.norm(free))
+    assert norm > 0
+    clipped = update(fixedclipping_mod(message(clip=norm / 4), ctx, app))
+    assert np.linalg.norm(clipped) == pytest.approx(norm / 4, rel=1e-4)
+    np.testing.assert_allclose(clipped, free / 4, rtol=1e-3, atol=1e-7)  # same training, same direction

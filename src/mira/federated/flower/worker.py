@@ -1,30 +1,36 @@
 """A warm node worker: one long-lived process per SuperNode that keeps the model loaded.
 
-Flower 1.41 runs every message in a fresh ClientApp process, so each round every node
-imports torch/transformers/PEFT and loads the base model again (seconds on a small
-model, minutes on a large one). ``mira flower supernode --warm`` instead starts
+Flower 1.42 runs every message in a fresh ClientApp process (``flwr-clientapp`` runs one task
+and exits), so each round every node would import torch/transformers/PEFT and load the base
+model again (seconds on a small model, minutes on a large one). ``mira flower supernode
+--warm`` (and ``mira flower local --warm``) instead starts
 
-    worker (this module, holds one ``NodeRuntime`` per run)
-      └─ flower-supernode ... --node-config "... worker=<socket>"
-           └─ SuperExec └─ ClientApp (per message)
+    worker (this module, holds one ``NodeRuntime`` per run, supervises the SuperNode)
+      ├─ forkserver (``forkserver``: Flower and mira's ClientApp imported once)
+      └─ python -m mira.federated.flower.supernode ... --node-config "... worker=<socket>"
+           └─ SuperExec └─ flwr-clientapp shim (per message) -> ClientApp forked by the forkserver
 
-and the ClientApp, seeing ``worker`` in its node config, forwards the decoded message
-to the worker over a private Unix socket (``multiprocessing.connection`` with a random
-``authkey``, the key file readable only by the node's user) and returns its answer.
-The worker runs exactly the ``NodeRuntime`` code a cold ClientApp runs; the Flower
-side (SuperNode, TLS, authentication, messages) is unchanged. Stopping the worker
-process (SIGTERM/SIGINT) stops its SuperNode.
+The SuperNode is Flower's own ``flower_supernode()`` main with its idle poll capped
+(``supernode``), and a ``flwr-clientapp`` shim is first on its ``PATH``, so each message's
+ClientApp is forked from the fork server (``MIRA_FORKSERVER_OFF=1``, or an unreachable fork
+server: the real ``flwr-clientapp``). The ClientApp, seeing ``worker`` in its node config,
+forwards the decoded message to the worker over a private Unix socket
+(``multiprocessing.connection`` with a random ``authkey``, the key file readable only by the
+node's user) and returns its answer. The worker runs exactly the ``NodeRuntime`` code a cold
+ClientApp runs; the Flower side (SuperNode, TLS, authentication, messages) is unchanged.
+Stopping the worker process (SIGTERM/SIGINT) stops its SuperNode and its fork server.
 
 The compute stays under Flower's lifecycle: the ClientApp that asked waits on the connection,
 and when that ClientApp goes away before the answer (``flwr stop``, a Flower timeout, a killed
-process), a watcher sees the connection close and stops the request's compute at its next
-Python step (``Cancelled`` raised in the serving thread), logs it, and serves the next request;
-the ``NodeRuntime`` is kept (each fit sets the adapter it was sent before training). A worker
-that crashes closes the connection, and the waiting ClientApp fails its task with an error.
+process), a watcher sees the connection close (checked every ``Worker.poll_s``, 0.2 s) and
+stops the request's compute at its next Python step (``Cancelled`` raised in the serving
+thread), logs it, and serves the next request; the ``NodeRuntime`` is kept (each fit sets the
+adapter it was sent before training). A worker that crashes closes the connection, and the
+waiting ClientApp fails its task with an error.
 
 The same process supervises the SuperNode (``supervise``; ``--cold`` for the supervisor
-alone): when the SuperNode exits (e.g. its SuperLink was restarted and no longer knows
-it), it is started again with bounded, logged back-off.
+alone, with neither worker nor fork server): when the SuperNode exits (e.g. its SuperLink was
+restarted and no longer knows it), it is started again with bounded, logged back-off.
 """
 from __future__ import annotations
 
