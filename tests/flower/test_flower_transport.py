@@ -81,3 +81,37 @@ def test_the_probe_answers(federations):
     notes: list[str] = []
     assert check_superlink_transport(closed, True, None, tries=2, interval=0.1, log=notes.append).startswith("unr")
     assert len(notes) == 1 and "not reachable yet" in notes[0]  # not an error: it may still be starting
+
+
+def test_an_insecure_node_whose_superlink_comes_up_later_with_tls_stops_with_one_line(federations):
+    """The SuperLink is not up when the node starts (not an error: the node starts and keeps
+    trying); when it comes up speaking TLS, the node's watch finds the mismatch and the node stops
+    with one line and exit code 2 instead of retrying silently forever."""
+    import threading
+    import time
+
+    from mira.federated.flower.launch import TAG
+
+    fed = federations(tls=True)
+    cmd = [sys.executable, "-m", "mira", "flower", "supernode", "--partition-id", "0", "--num-partitions", "1",
+           "--superlink", fed.address.address, "--insecure"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env={**os.environ, TAG: fed.tag, "COLUMNS": "400"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any("not reachable yet" in ln for ln in lines):  # past the start-up probes: running
+            assert p.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
+            time.sleep(0.2)
+        fed.start_superlink()
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"the node did not stop after its SuperLink came up with TLS: {''.join(lines)[-2000:]}")
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert p.returncode == 2, out
+    line = _error_line(out)
+    assert f"the SuperLink at {fed.address.address} speaks TLS" in line and "not --insecure" in line, line

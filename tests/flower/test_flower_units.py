@@ -270,6 +270,35 @@ def test_supervisor_restarts_with_bounded_backoff_and_stops_on_permanent_errors(
     assert worker.supervise(["sh", "-c", "exit 3"], max_restarts=0) == 3  # --max-restarts 0: never restart
 
 
+def test_supervisor_stops_a_node_whose_late_superlink_speaks_the_other_transport(capfd):
+    """``supervise(watch=...)``: the watch is asked every ``watch_interval`` s while it waits; once
+    it reports a mismatch the running SuperNode is stopped, the one line printed, and 2 returned
+    (no restart). A watch that says ``ok`` leaves the node running."""
+    import time
+
+    from mira.federated.flower import worker
+
+    answers = iter(["waiting", "waiting", "error: --insecure: the SuperLink at h:1 speaks TLS; ..."])
+    calls = []
+
+    def watch():
+        calls.append(time.monotonic())
+        return next(answers)
+
+    t0 = time.monotonic()
+    assert worker.supervise(["sh", "-c", "echo started; exec sleep 60"], watch=watch, watch_interval=0.05) == 2
+    assert time.monotonic() - t0 < 10 and len(calls) == 3
+    err = capfd.readouterr()
+    assert err.out.count("started") == 1 and "restart" not in err.err
+    assert [ln for ln in err.err.splitlines() if ln.startswith("error:")] == [
+        "error: --insecure: the SuperLink at h:1 speaks TLS; ..."]
+
+    oks = []
+    assert worker.supervise(["sh", "-c", "sleep 0.5; exit 3"], max_restarts=0, watch=lambda: oks.append(1) or "ok",
+                            watch_interval=0.05) == 3
+    assert oks == [1]  # asked once, then never again
+
+
 def test_supernode_cli_is_supervised_and_resume_takes_the_run_dir(tmp_path):
     """``mira flower supernode`` runs the SuperNode under the supervisor, with ``mira flower local``'s
     poll settings; ``mira flower run --resume RUN_DIR`` reads RUN_DIR's config."""

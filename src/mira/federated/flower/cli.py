@@ -189,15 +189,18 @@ def supernode_cmd(partition_id: int = typer.Option(..., "--partition-id", help="
                   highlight=False, soft_wrap=True)
     if dry_run:
         return
-    from mira.federated.flower.node import check_superlink_transport
+    from mira.federated.flower.node import TransportWatch, check_superlink_transport
 
-    # Flower's SuperNode retries a transport mismatch (--insecure vs TLS) forever, silently: probe first
-    check_superlink_transport(superlink, insecure, str(ca) if ca else None,
-                              log=lambda m: console.print(f"note: {m}", highlight=False))
+    # Flower's SuperNode retries a transport mismatch (--insecure vs TLS) forever, silently: probe first,
+    # and, while the SuperLink does not answer yet, go on probing it (the supervisor stops the node on a mismatch)
+    seen = check_superlink_transport(superlink, insecure, str(ca) if ca else None,
+                                     log=lambda m: console.print(f"note: {m}", highlight=False))
+    watch = TransportWatch(superlink, insecure, str(ca) if ca else None) if seen.startswith("unreachable") else None
     from mira.federated.flower.worker import run
 
     os.environ.update({**QUIET_ENV, **env})
-    raise typer.Exit(run(cmd, warm=warm, max_restarts=max_restarts))
+    sys.stdout.flush()  # our lines before the SuperNode's (it writes to the same stdout)
+    raise typer.Exit(run(cmd, warm=warm, max_restarts=max_restarts, watch=watch))
 
 
 @flower_app.command("register")

@@ -258,6 +258,22 @@ def probe_tls(address: str, timeout: float = 3.0, ca: str | None = None) -> str:
             return f"unreachable: {e.strerror or e}"
 
 
+def transport_mismatch(seen: str, address: str, insecure: bool, ca: str | None) -> MiraError | None:
+    """The error for a probe answer (``probe_tls``) that the node's transport does not speak; None
+    when it matches or the SuperLink did not answer."""
+    if insecure and seen == "tls":
+        return MiraError(f"the SuperLink at {address} speaks TLS; start the node with --root-cert CA.crt (or --certs "
+                         f"DIR with ca.crt), not --insecure", where="--insecure")
+    if not insecure and seen.startswith("plain"):
+        return MiraError(f"the SuperLink at {address} does not speak TLS (it was started with --insecure); start the "
+                         f"node with --insecure, or the SuperLink with --certs", where="--root-cert")
+    if not insecure and seen.startswith("untrusted"):
+        return MiraError(f"the SuperLink at {address} speaks TLS but its certificate does not verify against {ca} "
+                         f"({seen.split(': ', 1)[1]}); give the CA that signed the SuperLink's certificate",
+                         where="--root-cert")
+    return None
+
+
 def check_superlink_transport(address: str, insecure: bool, ca: str | None, tries: int = 10,
                               interval: float = 1.0, timeout: float = 3.0, log=None) -> str:
     """Refuse to start a SuperNode whose transport the SuperLink at ``address`` does not speak:
@@ -265,7 +281,8 @@ def check_superlink_transport(address: str, insecure: bool, ca: str | None, trie
 
     Probes up to ``tries`` times, ``interval`` seconds apart, while the SuperLink is not
     reachable (it may still be starting); a SuperLink that stays unreachable is not an error
-    here (the SuperNode keeps trying, as Flower does). Returns the last probe's answer."""
+    here: the node starts, and ``TransportWatch`` goes on probing it while it runs. Returns the
+    last probe's answer."""
     import time
 
     for i in range(max(1, tries)):
@@ -274,17 +291,27 @@ def check_superlink_transport(address: str, insecure: bool, ca: str | None, trie
             break
         if i + 1 < tries:
             time.sleep(interval)
-    if insecure and seen == "tls":
-        raise MiraError(f"the SuperLink at {address} speaks TLS; start the node with --root-cert CA.crt (or --certs "
-                        f"DIR with ca.crt), not --insecure", where="--insecure")
-    if not insecure and seen.startswith("plain"):
-        raise MiraError(f"the SuperLink at {address} does not speak TLS (it was started with --insecure); start the "
-                        f"node with --insecure, or the SuperLink with --certs", where="--root-cert")
-    if not insecure and seen.startswith("untrusted"):
-        raise MiraError(f"the SuperLink at {address} speaks TLS but its certificate does not verify against {ca} "
-                        f"({seen.split(': ', 1)[1]}); give the CA that signed the SuperLink's certificate",
-                        where="--root-cert")
+    err = transport_mismatch(seen, address, insecure, ca)
+    if err is not None:
+        raise err
     if seen.startswith("unreachable") and log is not None:
         log(f"the SuperLink at {address} is not reachable yet ({seen.split(': ', 1)[1]}); starting the SuperNode, "
-            f"which keeps trying")
+            f"which keeps trying (the transport is checked again once the SuperLink answers)")
     return seen
+
+
+class TransportWatch:
+    """For a node whose SuperLink was not reachable at start: each call probes it once, and says
+    ``"ok"`` once it answers in the node's transport, ``"waiting"`` while it does not answer, or
+    the one-line error once it answers in the other transport (``mira.federated.flower.worker.
+    supervise`` then stops the SuperNode, which Flower would leave retrying silently forever)."""
+
+    def __init__(self, address: str, insecure: bool, ca: str | None, timeout: float = 3.0):
+        self.address, self.insecure, self.ca, self.timeout = address, insecure, ca, timeout
+
+    def __call__(self) -> str:
+        seen = probe_tls(self.address, timeout=self.timeout, ca=None if self.insecure else self.ca)
+        if seen.startswith("unreachable"):
+            return "waiting"
+        err = transport_mismatch(seen, self.address, self.insecure, self.ca)
+        return "ok" if err is None else f"error: {err}"

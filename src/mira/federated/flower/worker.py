@@ -220,6 +220,7 @@ BACKOFF_BASE = 1.0
 BACKOFF_MAX = 30.0
 HEALTHY_S = 60.0
 MAX_RESTARTS = 10
+WATCH_INTERVAL = 2.0  # seconds between probes of a SuperLink that was not reachable at the node's start
 # Flower's exit codes (``flwr.supercore.exit.ExitCode``) as a process sees them: modulo 256.
 PERMANENT = {302 % 256: "Flower exit code 302: the node's auth key is invalid",
              303 % 256: "Flower exit code 303: node authentication needs TLS",
@@ -240,13 +241,35 @@ def backoff(n: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) -> flo
 
 
 def supervise(cmd: list[str], max_restarts: int = MAX_RESTARTS, base: float = BACKOFF_BASE,
-              cap: float = BACKOFF_MAX, healthy_s: float = HEALTHY_S, env: dict | None = None) -> int:
+              cap: float = BACKOFF_MAX, healthy_s: float = HEALTHY_S, env: dict | None = None,
+              watch=None, watch_interval: float = WATCH_INTERVAL) -> int:
     """Run ``cmd`` (a ``flower-supernode`` command line) until told to stop (SIGTERM/SIGINT, passed
-    on to it), restarting it when it exits (see above); returns its last exit code."""
+    on to it), restarting it when it exits (see above); returns its last exit code.
+
+    ``watch`` (``node.TransportWatch``, for a node whose SuperLink was not reachable at start) is
+    called every ``watch_interval`` seconds until it says ``"ok"``; when it returns an error line
+    instead (the SuperLink came up speaking the other transport), the SuperNode is stopped, the
+    line printed, and 2 returned."""
     import time
 
     stop = threading.Event()
-    state: dict = {"child": None}
+    state: dict = {"child": None, "error": None}
+
+    def watcher():
+        while not stop.wait(watch_interval):
+            verdict = watch()
+            if verdict == "ok":
+                return
+            if verdict.startswith("error"):
+                state["error"] = verdict
+                stop.set()
+                child = state["child"]
+                if child is not None and child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+                return
+
+    if watch is not None:
+        threading.Thread(target=watcher, daemon=True).start()
     tag = os.environ.get("MIRA_FLOWER_TAG", "")[:12]
     status_dir = tempfile.mkdtemp(prefix=f"mira-worker-{tag}-" if tag else "mira-worker-")
     status_file = os.path.join(status_dir, "flower-exit-code")
@@ -269,7 +292,12 @@ def supervise(cmd: list[str], max_restarts: int = MAX_RESTARTS, base: float = BA
             except OSError:
                 pass
             child = state["child"] = subprocess.Popen(cmd, env=env)
+            if state["error"] and child.poll() is None:  # the watcher fired while no child was running
+                child.send_signal(signal.SIGTERM)
             rc = child.wait()
+            if state["error"]:
+                print(state["error"], file=sys.stderr, flush=True)
+                return 2
             if stop.is_set():
                 return rc
             ran = time.monotonic() - t0
@@ -290,6 +318,9 @@ def supervise(cmd: list[str], max_restarts: int = MAX_RESTARTS, base: float = BA
             _say(f"the SuperNode exited with code {rc} after {ran:.1f}s (the SuperLink restarted or dropped it); "
                  f"restart {quick} of at most {max_restarts} in {wait:.1f}s")
             if stop.wait(wait):
+                if state["error"]:
+                    print(state["error"], file=sys.stderr, flush=True)
+                    return 2
                 return rc
     finally:
         child = state["child"]
@@ -301,7 +332,7 @@ def supervise(cmd: list[str], max_restarts: int = MAX_RESTARTS, base: float = BA
         shutil.rmtree(status_dir, ignore_errors=True)
 
 
-def run(supernode_cmd: list[str], warm: bool = True, max_restarts: int = MAX_RESTARTS) -> int:
+def run(supernode_cmd: list[str], warm: bool = True, max_restarts: int = MAX_RESTARTS, watch=None) -> int:
     """Start the worker (``warm``), then ``supernode_cmd`` (a ``flower-supernode`` command line whose
     ``--node-config`` gets ``worker=<socket>``) under the supervisor; return its exit code."""
     cmd = list(supernode_cmd)
@@ -310,7 +341,7 @@ def run(supernode_cmd: list[str], warm: bool = True, max_restarts: int = MAX_RES
     if os.path.basename(cmd[0]) == "flower-supernode":  # the same main, with the idle poll capped
         cmd = [sys.executable, "-m", "mira.federated.flower.supernode", *cmd[1:]]
     if not warm:
-        return supervise(cmd, max_restarts)
+        return supervise(cmd, max_restarts, watch=watch)
     tag = os.environ.get("MIRA_FLOWER_TAG", "")[:12]  # set by LocalFederation, which removes leftovers
     sock_dir = tempfile.mkdtemp(prefix=f"mira-worker-{tag}-" if tag else "mira-worker-")
     address = os.path.join(sock_dir, "worker.sock")
@@ -332,7 +363,7 @@ def run(supernode_cmd: list[str], warm: bool = True, max_restarts: int = MAX_RES
         env = {**os.environ, forkserver.ENV: fs_address, forkserver.REAL: flower_bin("flwr-clientapp"),
                "PATH": os.pathsep.join([shim_dir, os.environ.get("PATH", "")])}
     try:
-        return supervise(cmd, max_restarts, env=env)
+        return supervise(cmd, max_restarts, env=env, watch=watch)
     finally:
         if forks is not None:
             forks.terminate()
