@@ -16,6 +16,12 @@
     participation the stored updates come from different rounds, and raw cosine then links
     clients sampled together rather than clients with the same task). A round with a single
     update has nothing to center against and leaves the estimates as they were.
+    ``similarity: profile``: two clients are alike when they are alike *to the same others*.
+    The clients' estimates are centred by their mean across clients (which removes the direction
+    that every client's training shares, e.g. learning the prompt format); c_kl is the cosine of
+    the centred estimates, and a_kl the Pearson correlation of c_k. and c_l. over the other
+    clients (neither k nor l), clipped at 0. On Dolly's overlapping categories this separates the
+    tasks where a raw cosine cannot (docs/mira.md, "Which estimator").
   - ``similarity_average: true``: the mean of its (centered) updates over all rounds it
     trained in, instead of the latest one (less noise; the default is ``false``).
 
@@ -134,6 +140,28 @@ class FileGraph(TaskGraph):
         self.a = validate_graph(a, k, where=str(p))
 
 
+SIMILARITIES = ("cosine", "centered", "profile")
+
+
+def profile_similarity(c: np.ndarray) -> np.ndarray:
+    """``similarity: profile``: for each pair k != l the Pearson correlation of rows c[k] and c[l]
+    over the other columns (neither k nor l), clipped at 0; 0 where fewer than 2 others exist or
+    a row is constant on them."""
+    c = np.asarray(c, dtype=np.float64)
+    n = len(c)
+    out = np.zeros((n, n))
+    for k in range(n):
+        for j in range(k + 1, n):
+            keep = np.ones(n, dtype=bool)
+            keep[[k, j]] = False
+            if keep.sum() < 2:
+                continue
+            a, b = c[k, keep] - c[k, keep].mean(), c[j, keep] - c[j, keep].mean()
+            d = float(np.sqrt((a @ a) * (b @ b)))
+            out[k, j] = out[j, k] = max(float(a @ b) / d, 0.0) if d > 1e-12 else 0.0
+    return out
+
+
 @register_graph
 class SimilarityGraph(TaskGraph):
     name = "similarity"
@@ -141,9 +169,11 @@ class SimilarityGraph(TaskGraph):
 
     def __init__(self, k, seed, file=None, similarity: str = "cosine", similarity_average: bool = False, **options):
         super().__init__(k, seed)
-        if similarity not in ("cosine", "centered"):
-            raise MiraError(f"unknown similarity {similarity!r}; choose cosine or centered", where="algorithm.similarity")
+        if similarity not in SIMILARITIES:
+            raise MiraError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}",
+                            where="algorithm.similarity")
         self.centered, self.average = similarity == "centered", bool(similarity_average)
+        self.profile = similarity == "profile"
         self.last_update: dict[int, torch.Tensor] = {}  # the estimate of each client's direction
         self.sums: dict[int, torch.Tensor] = {}  # with similarity_average: sum of the estimates and their count
         self.counts: dict[int, int] = {}
@@ -168,8 +198,11 @@ class SimilarityGraph(TaskGraph):
         ids = sorted(self.last_update)
         if len(ids) >= 2:
             m = torch.stack([self.last_update[i] for i in ids]).double()
+            if self.profile:
+                m = m - m.mean(dim=0, keepdim=True)
             m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            sim = (m @ m.T).clamp_min(0).numpy()
+            cos = (m @ m.T).numpy()
+            sim = profile_similarity(cos) if self.profile else np.clip(cos, 0, None)
             np.fill_diagonal(sim, 0)
             a = np.zeros((self.k, self.k))
             a[np.ix_(ids, ids)] = sim

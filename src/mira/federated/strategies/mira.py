@@ -53,7 +53,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mira.errors import MiraError
-from mira.federated.graph import build_graph
+from mira.federated.graph import SIMILARITIES, build_graph
 from mira.federated.strategies.base import FitIns, FitRes, Strategy, register_strategy
 from mira.models.adapters import flatten
 
@@ -65,9 +65,9 @@ class MiraParams(BaseModel):
     neighbors: Literal["all", "sampled"] = "all"
     graph: str = "random"
     graph_file: Optional[str] = None
-    similarity: Literal["cosine", "centered"] = "cosine"  # graph: similarity only (see mira.federated.graph)
+    similarity: Literal["cosine", "centered", "profile"] = "cosine"  # graph: similarity only (see mira.federated.graph)
     similarity_average: bool = False
-    # graph: similarity only: also run all four estimators (cosine/centered x latest/average) on the same
+    # graph: similarity only: also run all six estimators (cosine/centered/profile x latest/average) on the same
     # updates each round and log each one's task AUC (rounds.json graph_auc_estimators); measurement only
     estimator_diagnostics: bool = False
     space: Literal["factors", "delta"] = "factors"  # delta: the step on s_k B_k A_k, for per-client ranks
@@ -92,7 +92,7 @@ class Mira(Strategy):
         if params.estimator_diagnostics:
             self.shadows = {f"{sim}{'+average' if avg else ''}": build_graph(
                 "similarity", ctx.num_clients, ctx.seed, similarity=sim, similarity_average=avg)
-                for sim in ("cosine", "centered") for avg in (False, True)}
+                for sim in SIMILARITIES for avg in (False, True)}
 
     @classmethod
     def supports_ranks(cls, params) -> bool:
