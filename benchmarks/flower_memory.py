@@ -56,7 +56,7 @@ CFG = {
     "seed": 0,
     "model": {"path": "builtin:demo"},
     "lora": {"r": 8, "alpha": 16},
-    "data": {"source": "synthetic", "tasks": ["add", "upper", "reverse_words"], "max_per_task": 12,
+    "data": {"source": "synthetic", "tasks": ["add", "upper", "reverse_words", "sub", "lower", "sort_digits"], "max_per_task": 12,
              "max_length": 64},
     "partition": {"name": "by_task", "test_size": 2},
     "federation": {"rounds": 1, "local_steps": 1, "batch_size": 1, "lr": 0.001},
@@ -182,12 +182,14 @@ def run_one(fed, raw: dict, work: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes-mb", default="10,50,100", help="adapter sizes (float32, MB = 10^6 bytes)")
-    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--nodes", type=int, default=2, help="SuperNodes, one task each (at most 6)")
     ap.add_argument("--algorithm", default="fedit", help="mira strategy (fedit: FedAvg on LoRA, one global adapter)")
     ap.add_argument("--cold", action="store_true", help="Flower's default ClientApps instead of warm SuperNodes")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "flower_memory.json"))
     args = ap.parse_args(argv)
+    if not 1 <= args.nodes <= len(CFG["data"]["tasks"]):
+        ap.error(f"--nodes must be in [1, {len(CFG['data']['tasks'])}] (one synthetic task per node)")
     sizes = [float(s) for s in args.sizes_mb.split(",") if s]
     base = copy.deepcopy(CFG)
     base["data"]["tasks"] = base["data"]["tasks"][:args.nodes]
