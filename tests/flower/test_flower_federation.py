@@ -179,6 +179,39 @@ def test_a_node_that_left_may_be_replaced_and_the_rebinding_is_recorded(federati
     assert fed.close(grace=2.0) == []
 
 
+def test_a_stalled_supernode_is_left_out_after_the_straggler_timeout(federations, tmp_path):
+    """SIGSTOP client 2's SuperNode (and its worker) after round 1: it is alive but answers
+    nothing. Each later round waits for the quorum (2 of 3) and then the straggler timeout, leaves
+    client 2 out, and is flagged partial; the run completes instead of hanging. SIGCONT lets
+    the node go on, and nothing survives the federation's close."""
+    fed = federations()
+    fed.start_superlink()
+    fed.start_supernodes(N_CLIENTS, warm=True)
+    out = tmp_path / "run"
+    from mira.federated.flower import bundle
+    from mira.federated.flower.settings import RunSettings
+
+    run_id = fed.submit(bundle.config_text(flower_cfg(federation={"rounds": 3})),
+                        RunSettings(out_dir=str(out), straggler_timeout=5.0, round_timeout=300.0))
+    deadline = time.monotonic() + 400
+    while not (out / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline, fed.logs(run_id)[-3000:]
+        time.sleep(0.1)
+    t_stop = time.monotonic()
+    fed.signal("supernode_2", signal.SIGSTOP)
+    try:
+        info = fed.wait(run_id, timeout=400)
+        took = time.monotonic() - t_stop
+    finally:
+        fed.signal("supernode_2", signal.SIGCONT)
+    assert info["status"] == "finished:completed", fed.logs(run_id)[-4000:]
+    rounds = read_json(out / "rounds.json")
+    assert [e["partial"] for e in rounds] == [False, True, True] and rounds[1]["failed"] == [2]
+    s = read_json(out / "summary.json")
+    assert s["partial_rounds"] == [2, 3] and took < 200
+    assert fed.close(grace=2.0) == []
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

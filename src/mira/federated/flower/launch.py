@@ -241,6 +241,14 @@ class LocalFederation:
         except subprocess.TimeoutExpired:
             pass
 
+    def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to a process we started and its process group, without waiting (e.g. SIGSTOP
+        to stall a SuperNode with its worker, SIGCONT to let it go on)."""
+        try:
+            os.killpg(self.procs[name].popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def crash_superlink(self) -> None:
         """SIGKILL the SuperLink and everything it started (SuperExec, ServerApp), as when its
         machine goes down; the SuperNodes stay. ``start_superlink()`` starts it again (same port)."""
