@@ -184,6 +184,7 @@ def score_seed(data: dict) -> dict[str, list[float | None]]:
         cen = _cos(avg - avg.mean(0))
         put("centred across clients, second order", np.clip(_second_order(cen), 0, None), ids)
         put("centred across clients, top-3", _topk(np.clip(cen, 0, None), 3), ids)
+        put("centred across clients, cosine not clipped", (1 + cen) / 2, ids)  # (a ranking only: not a valid graph)
         dcen = _cos(davg - davg.mean(0))
         put("delta, centred across clients, second order", np.clip(_second_order(dcen), 0, None), ids)
         put("centred, second order on the others", np.clip(_second_order_others(cen), 0, None), ids)
@@ -219,6 +220,31 @@ def score(args) -> None:
                                               indent=1))
 
 
+def pair(args) -> None:
+    """Seed-level paired differences (same seed = same data sample) of the algorithms in a new
+    ``comparison.json`` against those of an earlier one run with the same config and seeds."""
+    from mira.federated.compare import ci95
+
+    new, ref = (json.loads(Path(p).read_text()) for p in (args.comparison, args.against))
+    out = {}
+    for name, e in new["algorithms"].items():
+        mine = {r["seed"]: r for r in e["per_seed"]}
+        for other, f in ref["algorithms"].items():
+            theirs = {r["seed"]: r for r in f["per_seed"]}
+            seeds = sorted(set(mine) & set(theirs))
+            row = {"seeds": seeds}
+            for m in ("mean_local_test_loss", "mean_global_test_loss"):
+                d = [mine[s][m] - theirs[s][m] for s in seeds if mine[s].get(m) is not None
+                     and theirs[s].get(m) is not None]
+                row[m] = {"per_seed": d, "mean": float(np.mean(d)) if d else None, "ci95": ci95(d) if d else None}
+            out[f"{name} - {other}"] = row
+            loc, glo = row["mean_local_test_loss"], row["mean_global_test_loss"]
+            print(f"{name[:40]} - {other[:45]}: local {loc['mean']:+.4f} +- {loc['ci95']:.4f} "
+                  f"{[round(x, 4) for x in loc['per_seed']]}, global {glo['mean']:+.4f} +- {glo['ci95']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -234,9 +260,13 @@ def main() -> None:
     s.add_argument("run")
     s.add_argument("--json")
     s.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: every recorded one)")
+    p = sub.add_parser("pair")
+    p.add_argument("comparison")
+    p.add_argument("--against", required=True)
+    p.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MIRA_THREADS", "1")))
-    record(args) if args.cmd == "record" else score(args)
+    {"record": record, "score": score, "pair": pair}[args.cmd](args)
 
 
 if __name__ == "__main__":
