@@ -115,3 +115,81 @@ def test_an_insecure_node_whose_superlink_comes_up_later_with_tls_stops_with_one
     assert p.returncode == 2, out
     line = _error_line(out)
     assert f"the SuperLink at {fed.address.address} speaks TLS" in line and "not --insecure" in line, line
+
+
+def _listen_table() -> list[tuple[str, int, str]]:
+    """(address, port, socket inode) of every LISTENing TCP socket (/proc/net/tcp and tcp6)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            f = ln.split()
+            addr, p = f[1].split(":")
+            if f[3] == "0A":  # LISTEN
+                out.append(("127.0.0.1" if addr == "0100007F" else "0.0.0.0" if set(addr) == {"0"} else addr,
+                            int(p, 16), f[9]))
+    return out
+
+
+def _listening(port: int) -> set[str]:
+    return {a for a, p, _ in _listen_table() if p == port}
+
+
+def _listening_of(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of the sockets that processes ``pids`` listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    return {(a, p) for a, p, ino in _listen_table() if ino in inodes}
+
+
+def test_the_superlink_process_listens_on_loopback_and_refuses_an_exposed_address(federations, tmp_path):
+    """Real ``mira flower superlink`` processes: with no --host it listens on 127.0.0.1 only; on
+    0.0.0.0 with TLS but without node authentication it refuses to start (one line, exit 2) and
+    nothing listens."""
+    import time
+
+    from mira.federated.flower.certs import generate_ca_and_server
+    from mira.federated.flower.launch import TAG, free_port
+
+    fed = federations()  # only for its process tag: the fixture removes anything left over
+    env = {**os.environ, TAG: fed.tag, "COLUMNS": "400"}
+    certs = tmp_path / "certs"
+    generate_ca_and_server(certs)
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "mira", "flower", "superlink", "--host", "0.0.0.0", "--certs",
+                        str(certs), "--port", str(port)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = _error_line(r.stdout + r.stderr)
+    assert "node authentication" in line and "--insecure" in line, line
+    assert _listening(port) == set()
+
+    p = subprocess.Popen([sys.executable, "-m", "mira", "flower", "superlink", "--insecure", "--port", str(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not _listening(port):
+            assert p.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
+            time.sleep(0.3)
+        assert _listening(port) == {"127.0.0.1"}
+        from mira.federated.flower.launch import tagged_pids
+
+        time.sleep(2.0)  # every API up
+        bound = _listening_of(tagged_pids(fed.tag))
+        assert bound and all(a == "127.0.0.1" for a, _ in bound), bound  # no API on another address
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
