@@ -245,6 +245,35 @@ def pair(args) -> None:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 
+def plot(args) -> None:
+    """Task AUC per round of a few estimators, from ``score --json`` files (one panel each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    show = {"mira graph: similarity=cosine, average": "cosine of the averages (default)",
+            "mira graph: similarity=profile, average": "profile",
+            "per-module cosine + average": "per-module cosine",
+            "cosine+average, centred across clients": "centred, clipped at 0",
+            "centred across clients, cosine not clipped": "centred, not clipped (ranking only)"}
+    fig, axes = plt.subplots(1, len(args.json), figsize=(5.2 * len(args.json), 4), squeeze=False)
+    for ax, (path, title) in zip(axes[0], zip(args.json, args.titles)):
+        est = json.loads(Path(path).read_text())["estimators"]
+        for key, label in show.items():
+            if key in est:
+                c = est[key]["curve_mean"]
+                ax.plot(range(1, len(c) + 1), c, label=label, lw=2.2 if "profile" in key else 1.2,
+                        ls=":" if "ranking" in label else "-")
+        ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+        ax.set(title=title, xlabel="round", ylabel="task AUC (mean over seeds)", ylim=(0.3, 1.01))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -264,9 +293,13 @@ def main() -> None:
     p.add_argument("comparison")
     p.add_argument("--against", required=True)
     p.add_argument("--json")
+    q = sub.add_parser("plot")
+    q.add_argument("--json", nargs="+", required=True)
+    q.add_argument("--titles", nargs="+", required=True)
+    q.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MIRA_THREADS", "1")))
-    {"record": record, "score": score, "pair": pair}[args.cmd](args)
+    {"record": record, "score": score, "pair": pair, "plot": plot}[args.cmd](args)
 
 
 if __name__ == "__main__":
