@@ -317,25 +317,29 @@ def test_superlink_listens_on_loopback_and_refuses_an_exposed_address_without_tl
 
 
 def test_a_run_whose_rounds_would_not_fit_in_server_memory_is_refused_before_round_1(memory_run, monkeypatch):
-    """The ServerApp estimates a round's memory from the adapter size and the clients per round
-    (the copies measured by benchmarks/flower_memory.py) and refuses, in one line naming lora
-    and the figures, a run that would exceed the memory available, before any fit message."""
+    """The ServerApp estimates a round's memory from the adapter size and the number of clients
+    (the copies measured by benchmarks/flower_memory.py, plus what a personalised strategy and
+    cross-evaluation hold) and refuses, in one line naming lora and the figures, a run that would
+    exceed the memory available, before any fit message."""
     from mira.errors import MiraError
     from mira.federated.flower import server
 
-    need = server.server_memory_need(10**8, 4)
-    assert need == pytest.approx(10**8 * (server.SERVER_COPIES_FIXED + 4 * server.SERVER_COPIES_PER_CLIENT))
+    base = server.server_memory_copies(4)
+    assert base == pytest.approx(server.SERVER_COPIES_FIXED + 4 * server.SERVER_COPIES_PER_CLIENT)
+    assert server.server_memory_copies(4, personalized=True) == pytest.approx(base + 8)
+    assert server.server_memory_copies(4, personalized=True, cross_eval=True) == pytest.approx(base + 8 + 16)
+    need = 10**8 * base
     assert server.check_server_memory(10**8, 4, available=int(need / server.MEMORY_HEADROOM) + 1) == need
     assert server.check_server_memory(10**8, 4, available=None) == need  # unknown: not refused
-    with pytest.raises(MiraError, match=rf"about {need / 1e9:.1f} GB on the server \(100 MB float32 adapter.*4 clients a "
-                                        r"round.* of the 1\.0 GB available"):
+    with pytest.raises(MiraError, match=rf"about {need / 1e9:.1f} GB on the server \(100 MB float32 adapter x "
+                                        r"[\d.]+ copies for 4 clients\).* of the 1\.0 GB available"):
         server.check_server_memory(10**8, 4, available=10**9)
 
     sent = []
     real = MemoryGrid.push_messages
     monkeypatch.setattr(MemoryGrid, "push_messages", lambda self, ms: sent.extend(ms := list(ms)) or real(self, ms))
     monkeypatch.setattr(server, "mem_available", lambda: 10**5)  # 100 kB: not even one demo adapter round
-    with pytest.raises(MiraError, match="more than 90% of the 0.0 GB available; lower lora.r") as e:
-        memory_run(flower_cfg(), "oom")
+    with pytest.raises(MiraError, match="personalised.* more than 90% of the 0.0 GB available; lower lora.r") as e:
+        memory_run(flower_cfg(), "oom")  # mira: personalised
     assert e.value.where == "lora"
-    assert {m.metadata.message_type for m in sent} <= {"query.mira_hello"}  # no fit message went out
+    assert {m.metadata.message_type for m in sent} == {"query.mira_hello"}  # the nodes were asked; no fit went out

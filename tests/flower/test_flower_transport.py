@@ -129,8 +129,8 @@ def _listen_table() -> list[tuple[str, int, str]]:
             f = ln.split()
             addr, p = f[1].split(":")
             if f[3] == "0A":  # LISTEN
-                out.append(("127.0.0.1" if addr == "0100007F" else "0.0.0.0" if set(addr) == {"0"} else addr,
-                            int(p, 16), f[9]))
+                loopback = addr in ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+                out.append(("127.0.0.1" if loopback else "0.0.0.0" if set(addr) == {"0"} else addr, int(p, 16), f[9]))
     return out
 
 

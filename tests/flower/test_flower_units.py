@@ -270,33 +270,67 @@ def test_supervisor_restarts_with_bounded_backoff_and_stops_on_permanent_errors(
     assert worker.supervise(["sh", "-c", "exit 3"], max_restarts=0) == 3  # --max-restarts 0: never restart
 
 
-def test_supervisor_stops_a_node_whose_late_superlink_speaks_the_other_transport(capfd):
+def test_supervisor_stops_a_node_whose_late_superlink_speaks_the_other_transport(capfd, tmp_path):
     """``supervise(watch=...)``: the watch is asked every ``watch_interval`` s while it waits; once
     it reports a mismatch the running SuperNode is stopped, the one line printed, and 2 returned
-    (no restart). A watch that says ``ok`` leaves the node running."""
+    (no restart). A watch that says ``ok`` is not asked again; one that raises stops watching."""
+    import threading
     import time
 
     from mira.federated.flower import worker
 
-    answers = iter(["waiting", "waiting", "error: --insecure: the SuperLink at h:1 speaks TLS; ..."])
+    marker = tmp_path / "started"
     calls = []
 
-    def watch():
+    def watch():  # "waiting" until the child runs, then twice more, then the mismatch
         calls.append(time.monotonic())
-        return next(answers)
+        if not marker.exists() or len(calls) < 3:
+            return "waiting"
+        return "error: --insecure: the SuperLink at h:1 speaks TLS; ..."
 
     t0 = time.monotonic()
-    assert worker.supervise(["sh", "-c", "echo started; exec sleep 60"], watch=watch, watch_interval=0.05) == 2
-    assert time.monotonic() - t0 < 10 and len(calls) == 3
+    assert worker.supervise(["sh", "-c", f"echo started; touch {marker}; exec sleep 60"], watch=watch,
+                            watch_interval=0.05) == 2
+    assert time.monotonic() - t0 < 20 and len(calls) >= 3
     err = capfd.readouterr()
     assert err.out.count("started") == 1 and "restart" not in err.err
     assert [ln for ln in err.err.splitlines() if ln.startswith("error:")] == [
         "error: --insecure: the SuperLink at h:1 speaks TLS; ..."]
 
+    asked = threading.Event()
     oks = []
-    assert worker.supervise(["sh", "-c", "sleep 0.5; exit 3"], max_restarts=0, watch=lambda: oks.append(1) or "ok",
-                            watch_interval=0.05) == 3
+
+    def ok():
+        oks.append(1)
+        asked.set()
+        return "ok"
+
+    marker2 = tmp_path / "asked"
+    threading.Thread(target=lambda: asked.wait(20) and marker2.touch(), daemon=True).start()
+    # the child lives until the watch has been asked once (marker2), then exits 3
+    assert worker.supervise(["sh", "-c", f"while [ ! -e {marker2} ]; do sleep 0.05; done; sleep 0.3; exit 3"],
+                            max_restarts=0, watch=ok, watch_interval=0.05) == 3
     assert oks == [1]  # asked once, then never again
+
+    def broken():
+        raise OSError("ca.crt is gone")
+
+    assert worker.supervise(["sh", "-c", "sleep 0.5; exit 4"], max_restarts=0, watch=broken, watch_interval=0.05) == 4
+    assert "transport check failed (OSError: ca.crt is gone)" in capfd.readouterr().err
+
+
+def test_transport_watch_needs_two_mismatches_in_a_row(monkeypatch):
+    """One reset or stalled handshake while a SuperLink starts reads as "plain": the watch reports
+    a mismatch only when two probes in a row say so; an unreachable probe resets the count."""
+    from mira.federated.flower import node
+
+    answers = iter(["plain (ConnectionResetError)", "unreachable: refused", "plain (timeout)", "tls",
+                    "plain (SSLError)", "plain (SSLError)"])
+    monkeypatch.setattr(node, "probe_tls", lambda *a, **k: next(answers))
+    w = node.TransportWatch("127.0.0.1:1", insecure=False, ca="ca.crt")
+    assert [w() for _ in range(3)] == ["waiting", "waiting", "waiting"]
+    assert w() == "ok"
+    assert w() == "waiting" and w().startswith("error: --root-cert: the SuperLink at 127.0.0.1:1 does not speak TLS")
 
 
 def test_supernode_cli_is_supervised_and_resume_takes_the_run_dir(tmp_path):

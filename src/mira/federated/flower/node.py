@@ -306,12 +306,19 @@ class TransportWatch:
     the one-line error once it answers in the other transport (``mira.federated.flower.worker.
     supervise`` then stops the SuperNode, which Flower would leave retrying silently forever)."""
 
-    def __init__(self, address: str, insecure: bool, ca: str | None, timeout: float = 3.0):
+    def __init__(self, address: str, insecure: bool, ca: str | None, timeout: float = 3.0, confirm: int = 2):
         self.address, self.insecure, self.ca, self.timeout = address, insecure, ca, timeout
+        self.confirm = confirm  # mismatches in a row before it is one: a SuperLink that is still
+        self.mismatches = 0  # starting may reset or stall one handshake, which reads as "plain"
 
     def __call__(self) -> str:
         seen = probe_tls(self.address, timeout=self.timeout, ca=None if self.insecure else self.ca)
         if seen.startswith("unreachable"):
+            self.mismatches = 0
             return "waiting"
         err = transport_mismatch(seen, self.address, self.insecure, self.ca)
-        return "ok" if err is None else f"error: {err}"
+        if err is None:
+            self.mismatches = 0
+            return "ok"
+        self.mismatches += 1
+        return f"error: {err}" if self.mismatches >= self.confirm else "waiting"

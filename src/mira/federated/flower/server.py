@@ -65,13 +65,16 @@ def say(msg: str) -> None:
 
 
 # The ServerApp's peak memory above its fixed part, in float32 adapter copies: FIXED plus
-# PER_CLIENT for each client sampled in a round (each client's fit message, its reply and the
-# decoded update are whole in memory at once; Flower 1.42 materialises whole messages).
-# Measured with benchmarks/flower_memory.py (docs/flower.md, "Memory"; FedIT, no cross-evaluation):
-# 2 clients a round 12.4 copies (100 MB adapter) and 12.9 (10 MB), 4 clients 20.7 (50 MB); the
-# line below lies on or above all three.
+# PER_CLIENT for each client (a round's fit messages, replies and decoded updates, and the
+# evaluation's one message per client, are whole in memory at once; Flower 1.42 materialises whole
+# messages). Measured with benchmarks/flower_memory.py (docs/flower.md, "Memory"; FedIT, every
+# client sampled, no cross-evaluation): 2 clients 12.4 copies (100 MB adapter) and 12.9 (10 MB),
+# 4 clients 20.7 (50 MB); the line lies on or above all three. Counted from the code, not measured:
+# a personalised strategy holds one adapter per client and encodes each for evaluation (+2 a
+# client); cross-evaluation sends every distinct adapter to every client (+K a client).
 SERVER_COPIES_FIXED = 4.6
 SERVER_COPIES_PER_CLIENT = 4.15
+PERSONALIZED_COPIES_PER_CLIENT = 2.0
 MEMORY_HEADROOM = 0.9  # refuse when the estimate exceeds this share of the memory available
 
 
@@ -87,21 +90,32 @@ def mem_available() -> int | None:
     return None
 
 
-def server_memory_need(adapter_bytes: int, per_round: int) -> float:
-    """Estimated bytes the ServerApp needs above its fixed part for a round of ``per_round`` clients."""
-    return float(adapter_bytes) * (SERVER_COPIES_FIXED + SERVER_COPIES_PER_CLIENT * max(1, per_round))
+def server_memory_copies(clients: int, personalized: bool = False, cross_eval: bool = False) -> float:
+    """Adapter copies the ServerApp holds at its peak (above its fixed part) with ``clients`` clients
+    (evaluation reaches every client, whatever the fraction sampled for training)."""
+    k = max(1, clients)
+    copies = SERVER_COPIES_FIXED + SERVER_COPIES_PER_CLIENT * k
+    if personalized:
+        copies += PERSONALIZED_COPIES_PER_CLIENT * k
+    if cross_eval:
+        copies += float(k) * (k if personalized else 1)
+    return copies
 
 
-def check_server_memory(adapter_bytes: int, per_round: int, available: int | None) -> float:
+def check_server_memory(adapter_bytes: int, clients: int, available: int | None, personalized: bool = False,
+                        cross_eval: bool = False) -> float:
     """Refuse, before the first round, a run whose rounds would not fit in this machine's memory
     (instead of being killed for memory in the middle of one); returns the estimate in bytes."""
-    need = server_memory_need(adapter_bytes, per_round)
+    copies = server_memory_copies(clients, personalized, cross_eval)
+    need = float(adapter_bytes) * copies
     if available is not None and need > MEMORY_HEADROOM * available:
         raise MiraError(
             f"a round would need about {need / 1e9:.1f} GB on the server ({adapter_bytes / 1e6:.0f} MB float32 "
-            f"adapter x ({SERVER_COPIES_FIXED:g} + {SERVER_COPIES_PER_CLIENT:g} x {per_round} clients a round) "
-            f"copies), more than {MEMORY_HEADROOM:.0%} of the {available / 1e9:.1f} GB available; lower lora.r "
-            f"or federation.fraction, or run the SuperLink on a larger machine", where="lora")
+            f"adapter x {copies:.1f} copies for {clients} clients"
+            f"{', personalised' if personalized else ''}{', cross-evaluation' if cross_eval else ''}), more than "
+            f"{MEMORY_HEADROOM:.0%} of the {available / 1e9:.1f} GB available; lower lora.r or the number of "
+            f"clients{', or drop --cross-eval' if cross_eval else ''}, or run the SuperLink on a larger machine",
+            where="lora")
     return need
 
 
@@ -627,10 +641,11 @@ def run_server(grid, run_config) -> dict:
     ws = remote_workspace(cfg, tokenizer, slot, infos)
     engine = flower_engine_class()(ws, cfg, out, fleet, settings)
     adapter_bytes = 4 * sum(t.numel() for t in slot.initial_state.values())
-    need = check_server_memory(adapter_bytes, engine.per_round, mem_available())
+    need = check_server_memory(adapter_bytes, engine.k, mem_available(), personalized=engine.strategy.personalized,
+                               cross_eval=settings.cross_eval)
     if adapter_bytes >= 10**8:
-        say(f"{adapter_bytes / 1e6:.0f} MB adapter, {engine.per_round} clients a round: about {need / 1e9:.1f} GB "
-            f"of server memory a round")
+        say(f"{adapter_bytes / 1e6:.0f} MB adapter, {engine.k} clients: about {need / 1e9:.1f} GB of server memory "
+            f"a round")
     summary = engine.run(resume=settings.resume)
     say(f"done: mean local test loss {summary['mean_local_test_loss']:.4f}, "
         f"bytes up {summary['bytes_up']:,}, down {summary['bytes_down']:,}; written to {out}")

@@ -257,7 +257,11 @@ def supervise(cmd: list[str], max_restarts: int = MAX_RESTARTS, base: float = BA
 
     def watcher():
         while not stop.wait(watch_interval):
-            verdict = watch()
+            try:
+                verdict = watch()
+            except Exception as e:  # noqa: BLE001 (a probe that cannot run is not a verdict)
+                _say(f"the SuperLink transport check failed ({type(e).__name__}: {e}); not checking it again")
+                return
             if verdict == "ok":
                 return
             if verdict.startswith("error"):
@@ -323,6 +327,7 @@ def supervise(cmd: list[str], max_restarts: int = MAX_RESTARTS, base: float = BA
                     return 2
                 return rc
     finally:
+        stop.set()  # ends the watcher too
         child = state["child"]
         if child is not None and child.poll() is None:
             child.kill()
