@@ -374,14 +374,15 @@ def flower_engine_class():
         # -- checkpoint: the engine's state plus the Flower counters --------------------
         def state(self) -> dict:
             return {**super().state(), "flower": dict(self.flower), "failed": list(self.failed),
-                    "rebindings": list(self.fleet.rebindings)}
+                    "rebindings": list(getattr(self.fleet, "rebindings", []))}
 
         def load_state(self, s: dict) -> None:
             super().load_state(s)
             self.flower.update(s.get("flower", {}))
             self.failed = list(s.get("failed", []))
             # the re-bindings of the interrupted part of the run come first (a resume keeps them)
-            self.fleet.rebindings[:0] = [r for r in s.get("rebindings", []) if r not in self.fleet.rebindings]
+            if hasattr(self.fleet, "rebindings"):
+                self.fleet.rebindings[:0] = [r for r in s.get("rebindings", []) if r not in self.fleet.rebindings]
 
         def _count(self, kind: str, replies: dict[int, Reply]) -> None:
             for r in replies.values():
