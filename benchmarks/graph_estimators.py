@@ -108,23 +108,6 @@ def _second_order(s: np.ndarray) -> np.ndarray:
     return r
 
 
-def _second_order_others(s: np.ndarray) -> np.ndarray:
-    """As ``_second_order``, but the rows of k and l are compared on the other clients only (not on
-    the entries k and l themselves)."""
-    n = len(s)
-    out = np.zeros_like(s)
-    for i in range(n):
-        for j in range(i + 1, n):
-            m = np.ones(n, dtype=bool)
-            m[[i, j]] = False
-            if m.sum() < 2:
-                continue
-            a, b = s[i, m] - s[i, m].mean(), s[j, m] - s[j, m].mean()
-            d = np.sqrt((a * a).sum() * (b * b).sum())
-            out[i, j] = out[j, i] = (a * b).sum() / d if d > 0 else 0.0
-    return out
-
-
 def score_seed(data: dict) -> dict[str, list[float | None]]:
     from mira.federated.graph import task_auc
 
@@ -137,7 +120,7 @@ def score_seed(data: dict) -> dict[str, list[float | None]]:
     latest: dict[int, torch.Tensor] = {}
     curves: dict[str, list] = {}
 
-    from mira.federated.graph import build_graph
+    from mira.federated.graph import build_graph, profile_similarity
 
     real = {sim: build_graph("similarity", k, 0, similarity=sim, similarity_average=True)
             for sim in ("cosine", "profile")}  # mira's own classes, fed the same updates
@@ -187,7 +170,7 @@ def score_seed(data: dict) -> dict[str, list[float | None]]:
         put("centred across clients, cosine not clipped", (1 + cen) / 2, ids)  # (a ranking only: not a valid graph)
         dcen = _cos(davg - davg.mean(0))
         put("delta, centred across clients, second order", np.clip(_second_order(dcen), 0, None), ids)
-        put("centred, second order on the others", np.clip(_second_order_others(cen), 0, None), ids)
+        put("centred, second order on the others", profile_similarity(cen), ids)  # = mira's profile step
         put("centred across clients, second order, top-3", _topk(np.clip(_second_order(cen), 0, None), 3), ids)
     return curves
 
