@@ -212,6 +212,54 @@ def test_a_stalled_supernode_is_left_out_after_the_straggler_timeout(federations
     assert fed.close(grace=2.0) == []
 
 
+def test_flwr_stop_stops_the_compute_warm_and_cold_and_the_nodes_serve_on(federations, tmp_path):
+    """A round of 10^6 local steps on 3 SuperNodes (2 warm, 1 cold), then ``flwr stop``: each
+    SuperNode sees that the run no longer runs and marks its ClientApp task stopped, Flower refuses
+    the ClientApp's next task heartbeat and stops it, and a warm worker cancels the compute (its
+    log says so). Bounded: a forked ClientApp beats every ~8 s, Flower's own (cold) every ~40 s.
+    The nodes stay up and serve the next run to the end."""
+    fed = federations()
+    fed.start_superlink()
+    fed.start_supernodes(N_CLIENTS, warm=[True, True, False])
+    from mira.federated.flower import bundle
+    from mira.federated.flower.settings import RunSettings
+
+    raw = flower_cfg(federation={"rounds": 1, "local_steps": 10**6}, algorithm={"eta": 0.02})
+    run_id = fed.submit(bundle.config_text(raw), RunSettings(out_dir=str(tmp_path / "stopped"), round_timeout=3000.0))
+    deadline = time.monotonic() + 300
+    names = [f"supernode_{i}" for i in range(N_CLIENTS)]
+    warm, cold = names[:2], names[2]
+    while not all("train.mira_fit" in fed.procs[n].text() for n in names):  # every node got its fit message
+        assert time.monotonic() < deadline, {n: fed.procs[n].text()[-1500:] for n in names}
+        time.sleep(0.2)
+    time.sleep(2.0)  # and is training
+    assert not any("request cancelled" in fed.procs[n].text() for n in warm)
+    assert fed.clientapp_running(cold)
+    t_stop = time.monotonic()
+    fed.stop(run_id)
+    took = {}
+    while len(took) < len(names):
+        for n in names:
+            done = ("fit request cancelled: its ClientApp went away" in fed.procs[n].text() if n in warm
+                    else "Task stopped." in fed.procs[n].text() and not fed.clientapp_running(n))
+            if done and n not in took:
+                took[n] = time.monotonic() - t_stop
+        assert time.monotonic() - t_stop < 90, (took, {n: fed.procs[n].text()[-1500:] for n in names})
+        time.sleep(0.2)
+    print("flwr stop -> compute stopped after (s):", {n: round(t, 1) for n, t in took.items()})
+    assert max(took[n] for n in warm) < 30 and took[cold] < 90
+    assert fed.wait(run_id, timeout=120)["status"] == "finished:stopped"
+    for n in names:
+        text = fed.procs[n].text()
+        assert f"run {run_id} was stopped at the SuperLink" in text, text[-2000:]
+        assert fed.procs[n].alive() and not fed.clientapp_running(n)
+    # the nodes are free again: a short run on the same SuperNodes completes
+    out = tmp_path / "next"
+    run_and_wait(fed, flower_cfg(federation={"rounds": 1}), out, timeout=300)
+    assert read_json(out / "summary.json")["rounds"] == 1
+    assert fed.close(grace=2.0) == []
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

@@ -423,3 +423,83 @@ def test_a_worker_that_dies_mid_request_fails_the_clientapp_with_an_error(tmp_pa
         wmod.call(address, {"kind": "fit"})
     t.join(5)
     listener.close()
+
+
+def test_run_stop_watch_finishes_a_stopped_runs_tasks_and_ends_the_wait():
+    """The SuperNode's wait for a reply asks the SuperLink about the run (at most every ``every``
+    s); a run that is no longer running has its unfinished tasks marked stopped in the node's
+    state and the wait ends; a running run, or an unreachable SuperLink, leaves both alone."""
+    import time
+    import types
+
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.run import RunNotRunningException
+
+    from mira.federated.flower import supernode
+
+    class State:
+        def __init__(self):
+            self.finished = []
+
+        def get_tasks(self, run_ids, statuses):
+            assert run_ids == [7] and set(statuses) == {Status.PENDING, Status.STARTING, Status.RUNNING}
+            return [types.SimpleNamespace(task_id=70), types.SimpleNamespace(task_id=71)]
+
+        def finish_task(self, task_id, sub_status, details):
+            self.finished.append((task_id, sub_status))
+            return True
+
+    link = {"mode": "running", "calls": 0}
+
+    def get_run(run_id):
+        link["calls"] += 1
+        if link["mode"] == "stopped":
+            raise RunNotRunningException
+        if link["mode"] == "down":
+            raise OSError("connection refused")
+
+    now = [0.0]
+    sci = types.SimpleNamespace(time=time)
+    waits = []
+
+    def pull(**kw):
+        return 7
+
+    def push(**kw):  # Flower's wait for a reply: sleeps until one exists
+        for _ in range(100):
+            now[0] += 0.5
+            sci.time.sleep(0)
+        waits.append("reply")
+
+    sci._pull_and_store_message, sci._push_messages = pull, push
+    watch = supernode.RunStopWatch(every=3.0, clock=lambda: now[0])
+    assert watch.install(sci)
+    state = State()
+    assert sci._pull_and_store_message(state=state, get_run=get_run) == 7
+    sci.time.sleep(0)  # not waiting for a reply: no question to the SuperLink
+    assert link["calls"] == 0
+
+    sci._push_messages()  # the run keeps running: the wait goes to its end, ~1 question per 3 s
+    assert waits == ["reply"] and state.finished == [] and 15 <= link["calls"] <= 17
+    link["mode"], link["calls"] = "down", 0
+    sci._push_messages()
+    assert waits == ["reply"] * 2 and state.finished == [] and link["calls"] > 0
+    link["mode"] = "stopped"
+    sci._push_messages()  # ends early, without a reply
+    assert waits == ["reply"] * 2 and watch.stopped == [7]
+    assert state.finished == [(70, SubStatus.STOPPED), (71, SubStatus.STOPPED)]
+
+
+def test_the_forkserver_shortens_flowers_task_heartbeat(monkeypatch):
+    import flwr.supercore.heartbeat as hb
+
+    from mira.federated.flower import forkserver
+
+    monkeypatch.setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    assert forkserver._shorten_task_heartbeat() and hb.HEARTBEAT_DEFAULT_INTERVAL == forkserver.TASK_HEARTBEAT
+    monkeypatch.setenv(forkserver.TASK_HEARTBEAT_ENV, "1")  # never below the call timeout + 1, never above Flower's
+    monkeypatch.setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    assert forkserver._shorten_task_heartbeat() and hb.HEARTBEAT_DEFAULT_INTERVAL == hb.HEARTBEAT_CALL_TIMEOUT + 1
+    monkeypatch.setenv(forkserver.TASK_HEARTBEAT_ENV, "99")
+    monkeypatch.setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    assert forkserver._shorten_task_heartbeat() and hb.HEARTBEAT_DEFAULT_INTERVAL == 30

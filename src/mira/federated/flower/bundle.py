@@ -181,6 +181,13 @@ def wait_run(home: str | os.PathLike, run_id: str, timeout: float = 3600, poll: 
         time.sleep(0.5 if maybe_done is not None else min(poll, 1.0))
 
 
+def stop_run(home: str | os.PathLike, run_id: str, env: dict | None = None) -> None:
+    """``flwr stop`` the run."""
+    out = _json(flwr(home, "stop", run_id, CONNECTION, "--format", "json", env=env))
+    if out and not out.get("success", True):
+        raise MiraError(f"flwr stop {run_id} failed: {out}")
+
+
 def run_logs(home: str | os.PathLike, run_id: str, env: dict | None = None) -> str:
     proc = flwr(home, "log", run_id, CONNECTION, "--show", check=False, env=env)
     return proc.stdout + proc.stderr

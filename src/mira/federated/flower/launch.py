@@ -302,6 +302,9 @@ class LocalFederation:
         return bundle.wait_run(self.cli_home, run_id, timeout=timeout, poll=30.0, env={TAG: self.tag},
                                maybe_done=self.serverapp_done, alive=(link.alive if link else None))
 
+    def stop(self, run_id: str) -> None:
+        bundle.stop_run(self.cli_home, run_id, env={TAG: self.tag})
+
     def logs(self, run_id: str) -> str:
         return bundle.run_logs(self.cli_home, run_id, env={TAG: self.tag})
 

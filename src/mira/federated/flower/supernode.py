@@ -10,6 +10,16 @@ it). Each poll is one small HTTPS request to the SuperLink: 0.3 s is ~3 requests
 per node, fine for tens of nodes; raise it for a large federation. Unset, or >= 3: Flower's
 behaviour exactly. Should a Flower release rename what is patched, the SuperNode runs
 unpatched (and says so).
+
+It also watches for a run that was stopped (``flwr stop``) while one of its ClientApps runs
+(``RunStopWatch``). Flower 1.42's SuperNode does not notice: its task stays RUNNING in the
+node's state, the ClientApp's task heartbeat keeps being accepted, and the compute runs to the
+end. While it waits for a ClientApp's reply, this SuperNode asks the SuperLink for the run every
+``MIRA_SUPERNODE_RUN_CHECK`` seconds (3; Flower's own ``GetRun`` over the node's own
+authenticated connection). Once the SuperLink says the run is no longer running, the run's
+tasks are marked finished (``stopped``) in the node's state, so the ClientApp's next task
+heartbeat is refused and Flower stops the ClientApp (its SIGINT), and the SuperNode goes back to
+pulling messages instead of waiting for a reply that will not come.
 """
 from __future__ import annotations
 
@@ -18,35 +28,137 @@ import sys
 import time
 
 POLL = "MIRA_SUPERNODE_POLL"
+RUN_CHECK = "MIRA_SUPERNODE_RUN_CHECK"  # seconds between "is the run still running?" while a ClientApp runs
 # Where to write the Flower exit code (``flwr_exit``'s "Exit Code: 305") when the SuperNode gives up:
 # the process itself exits with 1 for every such error, so the supervisor reads the code here.
 STATUS = "MIRA_SUPERNODE_STATUS"
 
 
-class _CappedTime:
-    """``time`` for ``start_client_internal``: ``sleep`` waits at most ``cap`` seconds."""
+class _SupernodeTime:
+    """``time`` for ``start_client_internal``: ``sleep`` waits at most ``cap`` seconds (None: as
+    asked), and calls ``on_sleep`` first (the run-stop watch, which may raise)."""
 
-    def __init__(self, cap: float):
+    def __init__(self, cap: float | None, on_sleep=None):
         self.cap = cap
+        self.on_sleep = on_sleep
 
     def __getattr__(self, name):
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(float(seconds), self.cap))
+        if self.on_sleep is not None:
+            self.on_sleep()
+        time.sleep(float(seconds) if self.cap is None else min(float(seconds), self.cap))
 
 
-def patch_poll(cap: float) -> bool:
+def _sci():
     try:
         import flwr.supernode.start_client_internal as sci
     except ImportError:
+        return None
+    if getattr(sci, "time", None) is not time and not isinstance(getattr(sci, "time", None), _SupernodeTime):
+        print("[mira supernode] flwr.supernode.start_client_internal has no `time` to patch; idle poll left "
+              "at Flower's 3 s and stopped runs not watched", file=sys.stderr, flush=True)
+        return None
+    return sci
+
+
+def _patched_time(sci) -> _SupernodeTime:
+    if not isinstance(sci.time, _SupernodeTime):
+        sci.time = _SupernodeTime(None)
+    return sci.time
+
+
+def patch_poll(cap: float) -> bool:
+    sci = _sci()
+    if sci is None:
         return False
-    if getattr(sci, "time", None) is not time:
-        print(f"[mira supernode] flwr.supernode.start_client_internal has no `time` to patch; idle poll left "
-              "at Flower's 3 s", file=sys.stderr, flush=True)
-        return False
-    sci.time = _CappedTime(cap)
+    _patched_time(sci).cap = cap
     return True
+
+
+class _RunStopped(Exception):
+    """Raised in the SuperNode's wait for a reply when the run was stopped at the SuperLink."""
+
+
+class RunStopWatch:
+    """While the SuperNode waits for a ClientApp's reply, ask the SuperLink (every ``every``
+    seconds) whether the run still runs; when not, finish the run's tasks as ``stopped`` in the
+    node's state (Flower then stops the ClientApp at its next task heartbeat) and stop waiting.
+
+    It wraps two functions of ``flwr.supernode.start_client_internal``: ``_pull_and_store_message``
+    (to learn the node's state, its ``get_run`` and the run of the message) and ``_push_messages``
+    (the wait); the check runs in the SuperNode's main thread, between the wait's sleeps."""
+
+    def __init__(self, every: float = 3.0, clock=time.monotonic):
+        self.every = every
+        self.clock = clock
+        self.state = None
+        self.get_run = None
+        self.run_id = None
+        self.waiting = False
+        self.last = 0.0
+        self.stopped: list[int] = []  # runs whose tasks this watch finished
+
+    def install(self, sci) -> bool:
+        pull, push = getattr(sci, "_pull_and_store_message", None), getattr(sci, "_push_messages", None)
+        if pull is None or push is None:
+            print("[mira supernode] flwr.supernode.start_client_internal has no _pull_and_store_message/"
+                  "_push_messages; a run stopped with `flwr stop` runs on to the end of its message",
+                  file=sys.stderr, flush=True)
+            return False
+        watch = self
+
+        def pull_and_store(*a, **kw):
+            watch.state, watch.get_run = kw.get("state", watch.state), kw.get("get_run", watch.get_run)
+            run_id = pull(*a, **kw)
+            if run_id is not None:
+                watch.run_id = run_id
+            return run_id
+
+        def push_messages(*a, **kw):
+            watch.waiting, watch.last = True, watch.clock()
+            try:
+                return push(*a, **kw)
+            except _RunStopped:
+                return None
+            finally:
+                watch.waiting = False
+
+        sci._pull_and_store_message, sci._push_messages = pull_and_store, push_messages
+        _patched_time(sci).on_sleep = self.check
+        return True
+
+    def check(self) -> None:
+        """Called before each sleep of the SuperNode's main loop; raises ``_RunStopped`` to end the wait."""
+        if not self.waiting or self.run_id is None or self.get_run is None or self.state is None:
+            return
+        if self.clock() - self.last < self.every:
+            return
+        self.last = self.clock()
+        from flwr.supercore.run import RunNotRunningException
+
+        try:
+            self.get_run(self.run_id)
+            return
+        except RunNotRunningException:
+            pass
+        except Exception:  # noqa: BLE001 - the SuperLink unreachable: the wait goes on, Flower's retries apply
+            return
+        self.stop(self.run_id)
+        raise _RunStopped
+
+    def stop(self, run_id: int) -> int:
+        """Finish every unfinished task of ``run_id`` as stopped; returns how many."""
+        from flwr.common.constant import Status, SubStatus
+
+        tasks = self.state.get_tasks(run_ids=[run_id], statuses=[Status.PENDING, Status.STARTING, Status.RUNNING])
+        n = sum(bool(self.state.finish_task(t.task_id, SubStatus.STOPPED, "the run was stopped at the SuperLink"))
+                for t in tasks)
+        self.stopped.append(run_id)
+        print(f"[mira supernode] run {run_id} was stopped at the SuperLink: {n} ClientApp task(s) marked stopped; "
+              "Flower stops the ClientApp at its next task heartbeat", file=sys.stderr, flush=True)
+        return n
 
 
 def watch_exit_codes(path: str) -> None:
@@ -99,6 +211,15 @@ def main() -> int:
         cap = None
     if cap is not None and 0 < cap < 3:
         patch_poll(cap)
+    raw = os.environ.get(RUN_CHECK, "")
+    try:
+        every = float(raw) if raw else 3.0
+    except ValueError:
+        print(f"[mira supernode] {RUN_CHECK}={raw!r} is not a number; checking every 3 s", file=sys.stderr)
+        every = 3.0
+    sci = _sci()
+    if sci is not None and every > 0:
+        RunStopWatch(every).install(sci)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -57,6 +57,11 @@ def call(address: str, request: dict) -> dict:
         key = _key_path(address).read_bytes()
         with Client(address, family="AF_UNIX", authkey=key) as conn:
             conn.send(request)
+            # Wait in short slices: a signal meant to stop this ClientApp (Flower's task heartbeat
+            # raises SIGINT from its own thread) is only acted on between Python steps of the
+            # main thread, never while it is blocked in a read.
+            while not conn.poll(0.25):
+                pass
             answer = conn.recv()
     except (OSError, EOFError) as e:
         raise MiraError(f"the node's warm worker at {address} is not reachable: {e}") from None
