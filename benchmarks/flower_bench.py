@@ -97,7 +97,76 @@ def handler_times(fed) -> dict[int, float]:
     return out
 
 
-def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False, env: dict | None = None) -> dict:
+PHASES = ("poll_s", "start_s", "input_s", "compute_s", "reply_s", "collect_s")
+
+
+def fit_phases(work: Path, k: int) -> list[dict]:
+    """Each fit message's path, from ``MIRA_FORKSERVER_DEBUG`` timestamps (the ServerApp's and one
+    file per node), split into consecutive phases that add up to the message's latency (ServerApp
+    push to ServerApp has the reply):
+
+    * ``poll_s``: until the SuperNode receives it (the ServerApp pushes the round's messages to
+      the SuperLink, the SuperNode's idle poll, capped at 0.3 s, pulls this one);
+    * ``start_s``: until the ClientApp process runs (SuperExec picks the task up, the
+      ``flwr-clientapp`` shim starts, the fork server forks; the SuperNode downloads meanwhile);
+    * ``input_s``: until the ClientApp has its message (waiting for the download, pulling it);
+    * ``compute_s``: the ClientApp's handler (mira's fit, in the warm worker);
+    * ``reply_s``: until the SuperNode has sent the reply to the SuperLink;
+    * ``collect_s``: until the ServerApp's poll pulls it.
+    """
+    import re
+
+    pushed, replied, pushing, push_done = {}, {}, 0.0, {}
+    for line in (work / "debug_server.log").read_text().splitlines():
+        t, _pid, who, phase, *rest = line.split(maxsplit=4) + [""]
+        if who != "serverapp":
+            continue
+        if phase == "pushing":
+            pushing = float(t)
+        elif rest and rest[0]:  # a message's path starts when the ServerApp starts pushing its batch
+            (pushed if phase == "pushed" else replied).setdefault(rest[0], pushing if phase == "pushed" else float(t))
+            if phase == "pushed":
+                push_done[rest[0]] = float(t)
+    out = []
+    for node in range(k):
+        seg = None
+        for line in (work / f"debug_node{node}.log").read_text().splitlines():
+            t, _pid, who, text = (line.split(maxsplit=3) + ["", ""])[:4]
+            t = float(t)
+            m = re.match(r"Receiving: (\S+) message \(ID: ([0-9a-f]+)", text) if who == "supernode" else None
+            if m:
+                seg = {"node": node, "type": m.group(1), "id": m.group(2), "receiving": t} if "fit" in m.group(1) else None
+                continue
+            if seg is None:
+                continue
+            key = {("child", "start"): "child", ("child", "pull_task_input-end"): "input",
+                   ("child", "push_message-begin"): "push"}.get((who, text.split()[0] if text else ""))
+            if key:
+                seg.setdefault(key, t)
+                if key == "input" and "unavailable=" in text:
+                    seg["unavailable"] = int(text.rsplit("unavailable=", 1)[1].split()[0])
+            elif who == "supernode" and text.startswith("Received successfully"):
+                seg.setdefault("received", t)
+            elif who == "supernode" and text.startswith("Sent successfully") and "push" in seg:
+                seg["sent"] = t
+                if seg["id"] in pushed and seg["id"] in replied and {"child", "input"} <= set(seg):
+                    marks = [pushed[seg["id"]], seg["receiving"], seg["child"], seg["input"], seg["push"],
+                             seg["sent"], replied[seg["id"]]]
+                    out.append({"node": node, "message": seg["id"][:12], "at": marks[0],
+                                **{name: b - a for name, a, b in zip(PHASES, marks, marks[1:])},
+                                "total_s": marks[-1] - marks[0],
+                                # not on the path: when the ServerApp's push call returned, when the
+                                # SuperNode had the whole message, how often the ClientApp found it missing
+                                "push_call_s": push_done[seg["id"]] - marks[0],
+                                "downloaded_s": seg.get("received", float("nan")) - marks[0],
+                                "unavailable": seg.get("unavailable")})
+                seg = None
+    out.sort(key=lambda e: e["at"])
+    return out
+
+
+def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False, env: dict | None = None,
+               phases: bool = False, server_poll: float | None = None) -> dict:
     from mira.federated.flower import bundle
     from mira.federated.flower.launch import LocalFederation
     from mira.federated.flower.settings import RunSettings
@@ -106,16 +175,23 @@ def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False, 
     handlers: dict[int, float] = {}
     try:
         t0 = time.perf_counter()
+        if phases:  # one timestamp file per process group (the env of each process started next)
+            fed.base_env["MIRA_FORKSERVER_DEBUG"] = str(work / "debug_server.log")
         fed.start_superlink()
-        fed.start_supernodes(K, warm=warm)
+        for i in range(K):
+            if phases:
+                fed.base_env["MIRA_FORKSERVER_DEBUG"] = str(work / f"debug_node{i}.log")
+            fed.start_supernode(i, K, warm=warm)
         t_nodes = time.perf_counter()
-        run_id = fed.submit(bundle.config_text(raw), RunSettings(out_dir=str(out)))
+        extra = {"poll": server_poll} if server_poll else {}
+        run_id = fed.submit(bundle.config_text(raw), RunSettings(out_dir=str(out), **extra))
         t_submit = time.perf_counter()
         info = fed.wait(run_id, timeout=3600)
         total = time.perf_counter() - t_submit
         if info["status"] != "finished:completed":
             raise RuntimeError(f"run failed: {info}\n{fed.logs(run_id)[-3000:]}")
         handlers = handler_times(fed)
+        msgs = fit_phases(work, K) if phases else []
     finally:
         left = fed.close()
         assert not left, left
@@ -127,10 +203,18 @@ def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False, 
     breakdown = [{"round": e["round"], "round_s": e["round_time_s"], "client_s": handlers.get(e["round"]),
                   "fixed_s": e["round_time_s"] - handlers[e["round"]] if e["round"] in handlers else None,
                   "train_step_s_per_client": e.get("train_step_time_s", 0.0) / K} for e in rounds]
+    for e in breakdown:  # the round's fit messages (K, in push order), and the slowest one's phases
+        mine = msgs[(e["round"] - 1) * K:e["round"] * K]
+        if len(mine) == K:
+            slow = max(mine, key=lambda m: m["total_s"])
+            e["phases_slowest"] = {p: round(slow[p], 3) for p in (*PHASES, "total_s")}
+            e["phases_mean"] = {p: round(sum(m[p] for m in mine) / K, 3) for p in (*PHASES, "total_s")}
+            e["server_s"] = round(e["round_s"] - slow["total_s"], 3)  # the ServerApp's own work in the round
     return {"mode": None, "start_s": t_nodes - t0, "submit_s": t_submit - t_nodes, "run_total_s": total,
             "round_s": [e["round_time_s"] for e in rounds], "eval_s": [e.get("eval_time_s") for e in rounds],
             "breakdown": breakdown, "clientapp_s_per_msg": clientapp_s / n_msgs if clientapp_s else None,
-            "summary": summary, "flwr_ls": {k: info.get(k) for k in ("network-traffic", "compute-time", "elapsed")}}
+            "summary": summary, "flwr_ls": {k: info.get(k) for k in ("network-traffic", "compute-time", "elapsed")},
+            "fit_messages": msgs}
 
 
 def per_client_round(res: dict) -> dict:
@@ -157,6 +241,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="cold,warm,warm-bf16")
+    ap.add_argument("--server-poll", type=float, default=None,
+                    help="seconds between the ServerApp's pulls of replies (RunSettings.poll; default 0.5)")
+    ap.add_argument("--phases", action="store_true",
+                    help="time each fit message's phases (MIRA_FORKSERVER_DEBUG files; warm modes)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "flower.json"))
     args = ap.parse_args(argv)
     raw = copy.deepcopy(CFG)
@@ -174,7 +262,8 @@ def main(argv=None) -> int:
                 cfg["federation"]["wire_dtype"] = "bfloat16"
             legacy = {"MIRA_FORKSERVER_OFF": "1", "MIRA_SUPERNODE_POLL": "3"} if mode.endswith("legacy") else None
             r = run_flower(cfg, tmp / mode, tmp / f"{mode}_fed", warm=mode.startswith("warm"), tls=mode.endswith("tls"),
-                           env=legacy)
+                           env=legacy, phases=args.phases and mode.startswith("warm") and not legacy,
+                           server_poll=args.server_poll)
             r["mode"] = mode
             results.append(r)
             print(f"{mode}: rounds {[f'{x:.2f}' for x in r['round_s']]} s, run {r['run_total_s']:.1f} s", flush=True)
@@ -192,7 +281,7 @@ def main(argv=None) -> int:
                      "run_total_s": r.get("run_total_s", r.get("total_s")), "startup_s": r.get("start_s"),
                      "mean_local_test_loss": r["summary"]["mean_local_test_loss"], "bytes_per_client_round": b,
                      "breakdown": r.get("breakdown"), "clientapp_s_per_msg": r.get("clientapp_s_per_msg"),
-                     "flwr_ls": r.get("flwr_ls")})
+                     "flwr_ls": r.get("flwr_ls"), "fit_messages": r.get("fit_messages")})
     doc = {"command": "MIRA_THREADS=1 python benchmarks/flower_bench.py " + " ".join(argv or sys.argv[1:]),
            "machine": info, "config": raw, "clients": K, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +300,9 @@ def main(argv=None) -> int:
             print(f"{row['mode']:12} round {e['round']}: {e['round_s']:.2f} s = client {e['client_s']} s "
                   f"(training {e['train_step_s_per_client']:.2f} s per client) + fixed "
                   f"{e['fixed_s'] if e['fixed_s'] is None else round(e['fixed_s'], 2)} s")
+            if e.get("phases_slowest"):
+                print(f"{'':12}   slowest fit message: " + ", ".join(f"{p[:-2]} {v:.2f}" for p, v in e["phases_slowest"].items())
+                      + f" s; ServerApp's own work {e['server_s']:.2f} s")
         if row.get("clientapp_s_per_msg"):
             print(f"{row['mode']:12} Flower ClientApp compute time per message: {row['clientapp_s_per_msg']:.2f} s")
     print(f"\nwritten: {args.out}")

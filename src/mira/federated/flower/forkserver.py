@@ -44,7 +44,7 @@ REAL = "MIRA_REAL_FLWR_CLIENTAPP"  # the real flwr-clientapp, for the shim's fal
 DEBUG = "MIRA_FORKSERVER_DEBUG"
 
 
-def _debug(who: str, phase: str, detail: str = "") -> None:
+def debug_event(who: str, phase: str, detail: str = "") -> None:
     path = os.environ.get(DEBUG)
     if not path:
         return
@@ -198,11 +198,11 @@ def _instrument() -> None:
 
     def timed(name, fn):
         def wrapper(*a, **kw):
-            _debug("child", f"{name}-begin")
+            debug_event("child", f"{name}-begin")
             try:
                 return fn(*a, **kw)
             finally:
-                _debug("child", f"{name}-end", f"unavailable={unavailable[0]}" if name == "pull_task_input" else "")
+                debug_event("child", f"{name}-end", f"unavailable={unavailable[0]}" if name == "pull_task_input" else "")
         return wrapper
 
     make_pull = rc.make_pull_object_fn_protobuf
@@ -216,7 +216,7 @@ def _instrument() -> None:
             except Exception as e:
                 if type(e).__name__ == "ObjectUnavailableError":
                     unavailable[0] += 1
-                    _debug("child", "object-unavailable", object_id[:12])
+                    debug_event("child", "object-unavailable", object_id[:12])
                 raise
         return pull_counted
 
@@ -250,14 +250,14 @@ def _child(close: list, req: dict, fds: list[int], main) -> None:
         if main is None:
             from flwr.supernode.cli.flwr_clientapp import flwr_clientapp as main
         if os.environ.get(DEBUG):
-            _debug("child", "start")
+            debug_event("child", "start")
             _instrument()
         try:
             main()
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        _debug("child", "main-returned", f"code {code}")
+        debug_event("child", "main-returned", f"code {code}")
     except BaseException:  # noqa: BLE001 - reported like an uncaught exception, then exit 1
         import traceback
 
@@ -268,7 +268,7 @@ def _child(close: list, req: dict, fds: list[int], main) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
-            _debug("child", "os._exit", f"code {code}")
+            debug_event("child", "os._exit", f"code {code}")
             os._exit(code)  # no atexit handlers, no joins of threads copied from the fork server
 
 
@@ -346,7 +346,7 @@ def serve(address: str, main=None, preload: bool = True) -> None:
                 pid = by_conn[conn]
                 running.pop(pid, None)
                 conn.close()
-                _debug("server", "shim-gone", f"child {pid}")
+                debug_event("server", "shim-gone", f"child {pid}")
                 try:
                     os.kill(pid, signal.SIGTERM)
                     orphans[pid] = time.monotonic() + KILL_GRACE
@@ -360,7 +360,7 @@ def serve(address: str, main=None, preload: bool = True) -> None:
                 print(f"[mira forkserver] request refused: {e}", file=sys.stderr, flush=True)
                 conn.close()
                 continue
-            _debug("server", "fork")
+            debug_event("server", "fork")
             pid = os.fork()
             if pid == 0:
                 _child([listener, conn, wake_r, wake_w, *running.values()], req, fds, main)
@@ -389,7 +389,7 @@ def serve(address: str, main=None, preload: bool = True) -> None:
             orphans.pop(pid, None)
             conn = running.pop(pid, None)
             code = os.waitstatus_to_exitcode(status)
-            _debug("server", "reaped", f"child {pid} code {code}")
+            debug_event("server", "reaped", f"child {pid} code {code}")
             if conn is not None:
                 try:
                     conn.sendall(f"{code}\n".encode())

@@ -44,6 +44,7 @@ from typing import Callable
 from flwr.app import Message, RecordDict
 
 from mira.errors import MiraError
+from mira.federated.flower.forkserver import debug_event
 from mira.federated.flower.protocol import (
     MSG_EVAL,
     MSG_FIT,
@@ -258,7 +259,10 @@ class Fleet:
         out: dict = {}
         pending: dict[str, object] = {}
         if keys:
+            debug_event("serverapp", "pushing", str(len(keys)))
             ids = list(self.grid.push_messages([msgs[k] for k in keys]))
+            for mid in ids:  # with MIRA_FORKSERVER_DEBUG: when each message left (the per-round breakdown)
+                debug_event("serverapp", "pushed", str(mid))
             for k, mid in zip(keys, ids):
                 if mid:
                     pending[mid] = k
@@ -269,6 +273,7 @@ class Fleet:
         reason = ""
         while pending:
             for rep in self.grid.pull_messages(list(pending)):
+                debug_event("serverapp", "reply", str(rep.metadata.reply_to_message_id))
                 k = pending.pop(rep.metadata.reply_to_message_id, None)
                 if k is not None:
                     out[k] = rep

@@ -38,7 +38,7 @@ class RunSettings:
     # At the start: how long to wait until every partition has a SuperNode.
     node_wait: float = 600.0
     resume: bool = False  # continue the run directory's checkpoint
-    poll: float = 0.5  # seconds between pulls of replies
+    poll: float = 0.2  # seconds between pulls of replies (a small loopback request; 0.5 added ~0.3 s a round)
 
     @staticmethod
     def _key(name: str) -> str:
