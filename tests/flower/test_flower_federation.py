@@ -90,6 +90,19 @@ def test_tls_and_node_auth(federations, reference, tmp_path):
     assert s["mean_local_test_loss"] == pytest.approx(read_json(reference[1] / "summary.json")["mean_local_test_loss"],
                                                       abs=1e-6)
 
+    # the keys, after a real TLS + auth run: in their own owner-only folder, private keys 0600, and
+    # no private key anywhere in the run directory or the federation's workdir (logs, Flower homes)
+    import stat
+
+    keys = fed.certs
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700 and keys not in out.parents and keys not in fed.workdir.parents
+    private = [f for f in keys.iterdir() if f.is_file() and b"PRIVATE KEY" in f.read_bytes()]
+    assert len(private) >= N_CLIENTS + 2  # the CA's, the SuperLink's, each node's (and the rogue's)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in private), [(f.name, oct(f.stat().st_mode)) for f in private]
+    leaked = [f for root in (out, fed.workdir) for f in root.rglob("*")
+              if f.is_file() and not f.is_symlink() and f.stat().st_size < 10**6 and b"PRIVATE KEY" in f.read_bytes()]
+    assert leaked == []
+
 
 def test_killed_supernode_is_left_out_and_keeps_its_adapter(federations, reference, tmp_path):
     """SIGKILL client 2's SuperNode (with its worker and ClientApp) when round 2 starts: with the
