@@ -118,7 +118,11 @@ def fit_phases(work: Path, k: int) -> list[dict]:
 
     pushed, replied, pushing, push_done = {}, {}, 0.0, {}
     for line in (work / "debug_server.log").read_text().splitlines():
-        t, _pid, who, phase, *rest = line.split(maxsplit=4) + [""]
+        try:
+            t, _pid, who, phase, *rest = line.split(maxsplit=4) + [""]
+            float(t)
+        except ValueError:  # a short or torn line
+            continue
         if who != "serverapp":
             continue
         if phase == "pushing":
@@ -131,8 +135,11 @@ def fit_phases(work: Path, k: int) -> list[dict]:
     for node in range(k):
         seg = None
         for line in (work / f"debug_node{node}.log").read_text().splitlines():
-            t, _pid, who, text = (line.split(maxsplit=3) + ["", ""])[:4]
-            t = float(t)
+            t, _pid, who, text = (line.split(maxsplit=3) + ["", "", "", ""])[:4]
+            try:
+                t = float(t)
+            except ValueError:
+                continue
             m = re.match(r"Receiving: (\S+) message \(ID: ([0-9a-f]+)", text) if who == "supernode" else None
             if m:
                 seg = {"node": node, "type": m.group(1), "id": m.group(2), "receiving": t} if "fit" in m.group(1) else None
@@ -203,12 +210,19 @@ def run_flower(raw: dict, out: Path, work: Path, warm: bool, tls: bool = False, 
     breakdown = [{"round": e["round"], "round_s": e["round_time_s"], "client_s": handlers.get(e["round"]),
                   "fixed_s": e["round_time_s"] - handlers[e["round"]] if e["round"] in handlers else None,
                   "train_step_s_per_client": e.get("train_step_time_s", 0.0) / K} for e in rounds]
-    for e in breakdown:  # the round's fit messages (K, in push order), and the slowest one's phases
-        mine = msgs[(e["round"] - 1) * K:e["round"] * K]
-        if len(mine) == K:
+    # a round's fit messages share their push batch's start ("at"): one batch per round, in order
+    batches = sorted({m["at"] for m in msgs})
+    if msgs and len(batches) != len(breakdown):
+        print(f"phases: {len(batches)} push batches of fit messages for {len(breakdown)} rounds; not attributed",
+              flush=True)
+        batches = []
+    for e, at in zip(breakdown, batches):  # the slowest message's phases, and the mean over the round's messages
+        mine = [m for m in msgs if m["at"] == at]
+        e["phase_messages"] = len(mine)
+        if mine:
             slow = max(mine, key=lambda m: m["total_s"])
             e["phases_slowest"] = {p: round(slow[p], 3) for p in (*PHASES, "total_s")}
-            e["phases_mean"] = {p: round(sum(m[p] for m in mine) / K, 3) for p in (*PHASES, "total_s")}
+            e["phases_mean"] = {p: round(sum(m[p] for m in mine) / len(mine), 3) for p in (*PHASES, "total_s")}
             e["server_s"] = round(e["round_s"] - slow["total_s"], 3)  # the ServerApp's own work in the round
     return {"mode": None, "start_s": t_nodes - t0, "submit_s": t_submit - t_nodes, "run_total_s": total,
             "round_s": [e["round_time_s"] for e in rounds], "eval_s": [e.get("eval_time_s") for e in rounds],

@@ -426,9 +426,10 @@ def test_a_worker_that_dies_mid_request_fails_the_clientapp_with_an_error(tmp_pa
 
 
 def test_run_stop_watch_finishes_a_stopped_runs_tasks_and_ends_the_wait():
-    """The SuperNode's wait for a reply asks the SuperLink about the run (at most every ``every``
-    s); a run that is no longer running has its unfinished tasks marked stopped in the node's
-    state and the wait ends; a running run, or an unreachable SuperLink, leaves both alone."""
+    """The SuperNode's wait for a reply asks the SuperLink about the run (in a thread, at most
+    every ``every`` s); a run that is no longer running has its unfinished tasks marked stopped in
+    the node's state, its late replies and objects dropped, and the wait ends; a running run, or an
+    unreachable SuperLink, leaves all of it alone."""
     import time
     import types
 
@@ -437,9 +438,12 @@ def test_run_stop_watch_finishes_a_stopped_runs_tasks_and_ends_the_wait():
 
     from mira.federated.flower import supernode
 
+    def reply(mid, run_id):
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(message_id=mid, run_id=run_id))
+
     class State:
         def __init__(self):
-            self.finished = []
+            self.finished, self.replies, self.deleted = [], [], []
 
         def get_tasks(self, run_ids, statuses):
             assert run_ids == [7] and set(statuses) == {Status.PENDING, Status.STARTING, Status.RUNNING}
@@ -448,6 +452,23 @@ def test_run_stop_watch_finishes_a_stopped_runs_tasks_and_ends_the_wait():
         def finish_task(self, task_id, sub_status, details):
             self.finished.append((task_id, sub_status))
             return True
+
+        def get_messages_legacy(self, run_ids, is_reply):
+            assert is_reply is True
+            return [m for m in self.replies if m.metadata.run_id in run_ids and m.metadata.message_id not in self.deleted]
+
+        def delete_messages(self, message_ids):
+            self.deleted += message_ids
+
+    class Store:
+        def __init__(self):
+            self.runs_freed, self.deleted = [], []
+
+        def delete_objects_in_run(self, run_id):
+            self.runs_freed.append(run_id)
+
+        def delete(self, object_id):
+            self.deleted.append(object_id)
 
     link = {"mode": "running", "calls": 0}
 
@@ -469,13 +490,14 @@ def test_run_stop_watch_finishes_a_stopped_runs_tasks_and_ends_the_wait():
         for _ in range(100):
             now[0] += 0.5
             sci.time.sleep(0)
+            watch.asking is None or watch.asking.join(5)  # the question's answer is in before the next sleep
         waits.append("reply")
 
     sci._pull_and_store_message, sci._push_messages = pull, push
     watch = supernode.RunStopWatch(every=3.0, clock=lambda: now[0])
     assert watch.install(sci)
-    state = State()
-    assert sci._pull_and_store_message(state=state, get_run=get_run) == 7
+    state, store = State(), Store()
+    assert sci._pull_and_store_message(state=state, get_run=get_run, object_store=store) == 7
     sci.time.sleep(0)  # not waiting for a reply: no question to the SuperLink
     assert link["calls"] == 0
 
@@ -485,9 +507,16 @@ def test_run_stop_watch_finishes_a_stopped_runs_tasks_and_ends_the_wait():
     sci._push_messages()
     assert waits == ["reply"] * 2 and state.finished == [] and link["calls"] > 0
     link["mode"] = "stopped"
+    state.replies.append(reply("late-1", 7))  # stored by the ClientApp while the question was out
     sci._push_messages()  # ends early, without a reply
     assert waits == ["reply"] * 2 and watch.stopped == [7]
     assert state.finished == [(70, SubStatus.STOPPED), (71, SubStatus.STOPPED)]
+    assert state.deleted == ["late-1"] and store.deleted == ["late-1"] and store.runs_freed == [7]
+    # a reply of the stopped run that comes in even later is dropped before the next run's wait
+    state.replies += [reply("late-2", 7), reply("next-run", 8)]
+    watch.run_id, link["mode"] = 8, "running"
+    sci._push_messages()
+    assert "late-2" in state.deleted and "next-run" not in state.deleted and waits[-1] == "reply"
 
 
 def test_the_forkserver_shortens_flowers_task_heartbeat(monkeypatch):

@@ -159,11 +159,11 @@ def _shorten_pull_backoff() -> bool:
     return True
 
 
-# How often a forked ClientApp sends its task heartbeat to its SuperNode (Flower's base interval, s).
-# Flower's 30 gives one every 37-43 s; a refused heartbeat is how Flower stops a ClientApp whose run
-# was stopped (``flwr stop``, see ``supernode.RunStopWatch``), so 10 (one every 7.5-8.5 s, a small
-# local request) stops the compute within about 12 s instead of 45. The SuperNode's patience for a
-# silent task is its own (3 x 30 s) and unchanged.
+# How often a forked ClientApp sends its task heartbeat to its SuperNode (Flower's base interval, s;
+# a beat goes out every (base - 5 s call timeout) x U(0.7, 0.9)). Flower's 30 gives one every
+# 17.5-22.5 s; a refused heartbeat is how Flower stops a ClientApp whose run was stopped (``flwr
+# stop``, see ``supernode.RunStopWatch``), so 10 (one every 3.5-4.5 s, a small local request) stops
+# the compute sooner. The SuperNode's patience for a silent task is its own (2 x 30 s), unchanged.
 TASK_HEARTBEAT = 10.0
 TASK_HEARTBEAT_ENV = "MIRA_CLIENTAPP_HEARTBEAT"
 

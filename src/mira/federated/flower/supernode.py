@@ -16,10 +16,11 @@ It also watches for a run that was stopped (``flwr stop``) while one of its Clie
 node's state, the ClientApp's task heartbeat keeps being accepted, and the compute runs to the
 end. While it waits for a ClientApp's reply, this SuperNode asks the SuperLink for the run every
 ``MIRA_SUPERNODE_RUN_CHECK`` seconds (3; Flower's own ``GetRun`` over the node's own
-authenticated connection). Once the SuperLink says the run is no longer running, the run's
-tasks are marked finished (``stopped``) in the node's state, so the ClientApp's next task
-heartbeat is refused and Flower stops the ClientApp (its SIGINT), and the SuperNode goes back to
-pulling messages instead of waiting for a reply that will not come.
+authenticated connection, in a thread of its own). Once the SuperLink says the run is no longer
+running, the run's tasks are marked finished (``stopped``) in the node's state, so the
+ClientApp's next task heartbeat is refused and Flower stops the ClientApp (its SIGINT); the
+run's replies and objects are dropped, and the SuperNode goes back to pulling messages instead
+of waiting for a reply that will not come.
 """
 from __future__ import annotations
 
@@ -78,26 +79,37 @@ def patch_poll(cap: float) -> bool:
 
 
 class _RunStopped(Exception):
-    """Raised in the SuperNode's wait for a reply when the run was stopped at the SuperLink."""
+    """Raised in the SuperNode's wait for a reply when the run no longer runs at the SuperLink."""
+
+    def __init__(self, run_id: int):
+        super().__init__(f"run {run_id} is no longer running at the SuperLink")
 
 
 class RunStopWatch:
     """While the SuperNode waits for a ClientApp's reply, ask the SuperLink (every ``every``
     seconds) whether the run still runs; when not, finish the run's tasks as ``stopped`` in the
-    node's state (Flower then stops the ClientApp at its next task heartbeat) and stop waiting.
+    node's state (Flower then stops the ClientApp at its next task heartbeat), free what the node
+    holds of the run, and stop waiting.
 
     It wraps two functions of ``flwr.supernode.start_client_internal``: ``_pull_and_store_message``
-    (to learn the node's state, its ``get_run`` and the run of the message) and ``_push_messages``
-    (the wait); the check runs in the SuperNode's main thread, between the wait's sleeps."""
+    (to learn the node's state, object store, ``get_run`` and the run of the message) and
+    ``_push_messages`` (the wait). The question goes out in a daemon thread (Flower's retries
+    on an unreachable SuperLink never hold up the SuperNode's main thread); the main thread
+    reads the answer between the wait's sleeps and acts on it there."""
 
     def __init__(self, every: float = 3.0, clock=time.monotonic):
+        import threading
+
         self.every = every
         self.clock = clock
         self.state = None
+        self.store = None
         self.get_run = None
         self.run_id = None
         self.waiting = False
         self.last = 0.0
+        self.asking: threading.Thread | None = None
+        self.not_running: set[int] = set()  # runs the SuperLink said are not running
         self.stopped: list[int] = []  # runs whose tasks this watch finished
 
     def install(self, sci) -> bool:
@@ -111,12 +123,14 @@ class RunStopWatch:
 
         def pull_and_store(*a, **kw):
             watch.state, watch.get_run = kw.get("state", watch.state), kw.get("get_run", watch.get_run)
+            watch.store = kw.get("object_store", watch.store)
             run_id = pull(*a, **kw)
             if run_id is not None:
                 watch.run_id = run_id
             return run_id
 
         def push_messages(*a, **kw):
+            watch.purge_replies()  # a reply a stopped run's ClientApp stored late must not stand in for this one
             watch.waiting, watch.last = True, watch.clock()
             try:
                 return push(*a, **kw)
@@ -129,36 +143,61 @@ class RunStopWatch:
         _patched_time(sci).on_sleep = self.check
         return True
 
-    def check(self) -> None:
-        """Called before each sleep of the SuperNode's main loop; raises ``_RunStopped`` to end the wait."""
-        if not self.waiting or self.run_id is None or self.get_run is None or self.state is None:
-            return
-        if self.clock() - self.last < self.every:
-            return
-        self.last = self.clock()
+    def _ask(self, run_id: int) -> None:
         from flwr.supercore.run import RunNotRunningException
 
         try:
-            self.get_run(self.run_id)
-            return
-        except RunNotRunningException:
+            self.get_run(run_id)
+        except RunNotRunningException:  # Flower's reading of the SuperLink's 403 for a run not RUNNING
+            self.not_running.add(run_id)
+        except Exception:  # noqa: BLE001, S110 - unreachable or another error: ask again later
             pass
-        except Exception:  # noqa: BLE001 - the SuperLink unreachable: the wait goes on, Flower's retries apply
+
+    def check(self) -> None:
+        """Called before each sleep of the SuperNode's main loop; raises ``_RunStopped`` to end the wait."""
+        import threading
+
+        if not self.waiting or self.run_id is None or self.get_run is None or self.state is None:
             return
-        self.stop(self.run_id)
-        raise _RunStopped
+        run_id = self.run_id
+        if run_id in self.not_running:
+            self.stop(run_id)
+            raise _RunStopped(run_id)
+        if (self.asking is not None and self.asking.is_alive()) or self.clock() - self.last < self.every:
+            return
+        self.last = self.clock()
+        self.asking = threading.Thread(target=self._ask, args=(run_id,), name="mira-run-stop-watch", daemon=True)
+        self.asking.start()
 
     def stop(self, run_id: int) -> int:
-        """Finish every unfinished task of ``run_id`` as stopped; returns how many."""
+        """Finish every unfinished task of ``run_id`` as stopped, drop its replies and free its
+        objects; returns how many tasks were finished."""
         from flwr.common.constant import Status, SubStatus
 
         tasks = self.state.get_tasks(run_ids=[run_id], statuses=[Status.PENDING, Status.STARTING, Status.RUNNING])
-        n = sum(bool(self.state.finish_task(t.task_id, SubStatus.STOPPED, "the run was stopped at the SuperLink"))
-                for t in tasks)
-        self.stopped.append(run_id)
-        print(f"[mira supernode] run {run_id} was stopped at the SuperLink: {n} ClientApp task(s) marked stopped; "
-              "Flower stops the ClientApp at its next task heartbeat", file=sys.stderr, flush=True)
+        n = sum(bool(self.state.finish_task(t.task_id, SubStatus.STOPPED, "the run is no longer running at the "
+                                            "SuperLink")) for t in tasks)
+        if run_id not in self.stopped:
+            self.stopped.append(run_id)
+        self.purge_replies()
+        if self.store is not None and hasattr(self.store, "delete_objects_in_run"):
+            self.store.delete_objects_in_run(run_id)
+        print(f"[mira supernode] run {run_id} is no longer running at the SuperLink (stopped, or finished without "
+              f"this node's reply): {n} ClientApp task(s) marked stopped; Flower stops the ClientApp at its next "
+              "task heartbeat", file=sys.stderr, flush=True)
         return n
+
+    def purge_replies(self) -> int:
+        """Delete the replies of runs this watch stopped that are still in the node's state."""
+        if not self.stopped or self.state is None:
+            return 0
+        late = self.state.get_messages_legacy(run_ids=list(self.stopped), is_reply=True)
+        if late:
+            self.state.delete_messages(message_ids=[m.metadata.message_id for m in late])
+            if self.store is not None:
+                for m in late:
+                    self.store.delete(m.metadata.message_id)
+        return len(late)
 
 
 def watch_exit_codes(path: str) -> None:
