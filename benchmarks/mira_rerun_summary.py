@@ -32,9 +32,10 @@ def ci95(xs) -> float:
 
 def runs(folders: list[str]) -> dict[str, dict[int, Path]]:
     out: dict[str, dict[int, Path]] = defaultdict(dict)
-    for folder in folders:
-        for summary in sorted(Path(folder).glob("seed_*/*/summary.json")):
-            seed = int(re.match(r"seed_(\d+)", summary.parent.parent.name).group(1))
+    for folder in folders:  # seed_N/LABEL/ (several seeds) or LABEL/ (a compare of one seed)
+        for summary in sorted(Path(folder).glob("seed_*/*/summary.json")) + sorted(Path(folder).glob("*/summary.json")):
+            m = re.match(r"seed_(\d+)$", summary.parent.parent.name)
+            seed = int(m.group(1)) if m else int(json.loads(summary.read_text())["seed"])
             label = summary.parent.name
             if seed in out[label]:
                 raise SystemExit(f"{label} seed {seed} is in two folders: {out[label][seed]} and {summary.parent}")
