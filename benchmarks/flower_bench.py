@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="cold,warm,warm-bf16")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                    help="override the config, e.g. --set 'lora.target_modules=[q_proj]'")
     ap.add_argument("--server-poll", type=float, default=None,
                     help="seconds between the ServerApp's pulls of replies (RunSettings.poll; default 0.5)")
     ap.add_argument("--phases", action="store_true",
@@ -263,6 +265,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     raw = copy.deepcopy(CFG)
     raw["federation"]["rounds"] = raw["eval"]["every"] = args.rounds
+    for item in args.set:
+        import yaml
+
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
     info = machine()
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="mira-flower-bench-"))
