@@ -116,21 +116,25 @@ def fit_phases(work: Path, k: int) -> list[dict]:
     """
     import re
 
-    pushed, replied, pushing, push_done = {}, {}, 0.0, {}
+    # message id -> when the ServerApp began pushing its batch (where its path starts), when that
+    # push call returned, when the ServerApp pulled its reply
+    pushed, push_done, replied, pushing = {}, {}, {}, 0.0
     for line in (work / "debug_server.log").read_text().splitlines():
+        fields = (line.split(maxsplit=4) + [""] * 5)[:5]
         try:
-            t, _pid, who, phase, *rest = line.split(maxsplit=4) + [""]
-            float(t)
+            t = float(fields[0])
         except ValueError:  # a short or torn line
             continue
+        who, phase, mid = fields[2], fields[3], fields[4]
         if who != "serverapp":
             continue
         if phase == "pushing":
-            pushing = float(t)
-        elif rest and rest[0]:  # a message's path starts when the ServerApp starts pushing its batch
-            (pushed if phase == "pushed" else replied).setdefault(rest[0], pushing if phase == "pushed" else float(t))
-            if phase == "pushed":
-                push_done[rest[0]] = float(t)
+            pushing = t
+        elif phase == "pushed" and mid:
+            pushed.setdefault(mid, pushing)
+            push_done.setdefault(mid, t)
+        elif phase == "reply" and mid:
+            replied.setdefault(mid, t)
     out = []
     for node in range(k):
         seg = None

@@ -70,14 +70,6 @@ def _patched_time(sci) -> _SupernodeTime:
     return sci.time
 
 
-def patch_poll(cap: float) -> bool:
-    sci = _sci()
-    if sci is None:
-        return False
-    _patched_time(sci).cap = cap
-    return True
-
-
 class _RunStopped(Exception):
     """Raised in the SuperNode's wait for a reply when the run no longer runs at the SuperLink."""
 
@@ -237,28 +229,31 @@ def debug_log(path: str) -> None:
     logging.getLogger("flwr").addHandler(Stamp(logging.INFO))
 
 
+def _env_float(name: str, default: float | None, otherwise: str) -> float | None:
+    """``name`` from the environment as a number; unset: ``default``; not a number: says so and ``default``."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        print(f"[mira supernode] {name}={raw!r} is not a number; {otherwise}", file=sys.stderr)
+        return default
+
+
 def main() -> int:
     if os.environ.get(STATUS):
         watch_exit_codes(os.environ[STATUS])
     if os.environ.get("MIRA_FORKSERVER_DEBUG"):
         debug_log(os.environ["MIRA_FORKSERVER_DEBUG"])
-    raw = os.environ.get(POLL, "")
-    try:
-        cap = float(raw) if raw else None
-    except ValueError:
-        print(f"[mira supernode] {POLL}={raw!r} is not a number; idle poll left at Flower's 3 s", file=sys.stderr)
-        cap = None
-    if cap is not None and 0 < cap < 3:
-        patch_poll(cap)
-    raw = os.environ.get(RUN_CHECK, "")
-    try:
-        every = float(raw) if raw else 3.0
-    except ValueError:
-        print(f"[mira supernode] {RUN_CHECK}={raw!r} is not a number; checking every 3 s", file=sys.stderr)
-        every = 3.0
+    cap = _env_float(POLL, None, "idle poll left at Flower's 3 s")
+    every = _env_float(RUN_CHECK, 3.0, "checking every 3 s")
     sci = _sci()
-    if sci is not None and every > 0:
-        RunStopWatch(every).install(sci)
+    if sci is not None:
+        if cap is not None and 0 < cap < 3:
+            _patched_time(sci).cap = cap
+        if every > 0:
+            RunStopWatch(every).install(sci)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
