@@ -114,8 +114,10 @@ def test_load_mixed_valid_and_hostile_clients(zoo, tmp_path):
         ("/v1/draft", b'{"prefix": [1, 999], "n": 2}', {**AUTH, "Content-Type": "application/json"}, 422),
         ("/v1/logits", b'{"prefixes": [[1]], "weights": true}', {**AUTH, "Content-Type": "application/json"}, 422),
     ]
+    # 2 s (the default) to receive a body: at 0.5 s an 8-byte body missed it once in CI, with the event loop
+    # slowed by 8 client threads and a second test worker on 2 CPUs
     with running_server(zoo.target, tmp_path / "server.log", "--max-concurrent", str(2 * clients),
-                        "--body-timeout", "0.5") as s:
+                        "--body-timeout", "2") as s:
         with httpx.Client(base_url=s.url, headers=AUTH, timeout=20) as c:
             expected = [decode_scores(LogitsResponse.model_validate(
                 c.post("/v1/logits", json={"prefixes": [p]}).json()).scores).values for p in prefixes]
