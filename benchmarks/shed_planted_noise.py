@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training loss of v(S): mean over tokens (default) or over records")
     p.add_argument("--train-seeds", default="fixed", choices=["fixed", "per_unit"],
                    help="v(S) training seed: one for every permutation (default) or one per antithetic pair")
+    p.add_argument("--warm-start-steps", type=int, default=0,
+                   help="v(S) starts from an adapter first trained this many steps on the non-proxy records")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--template", default="compact")
@@ -93,7 +95,7 @@ def main(argv=None) -> dict:
                         batch_size=args.batch_size, max_length=args.max_length, template=args.template,
                         budget_fraction=args.budget, strategy="qocs", background=args.background,
                         center=not args.no_center, loss_weighting=args.loss_weighting,
-                        train_seeds=args.train_seeds,
+                        train_seeds=args.train_seeds, warm_start_steps=args.warm_start_steps,
                         antithetic=not args.no_antithetic, tolerance=args.tolerance)
     proxy = ProxyModel.load(base)
     runs = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mira.shed import ShedSettings
 from mira.shed.value import LoraValue, ProxyModel
@@ -88,6 +89,20 @@ def test_token_accuracy_and_warm_start(demo_proxy, records):
     cold_loss = LoraValue(demo_proxy, records[:4], records[-8:], s_loss.model_copy(update={"warm_start_steps": 0}))
     warm_loss = LoraValue(demo_proxy, records[:4], records[-8:], s_loss, warm_records=records[10:40])
     assert warm_loss(frozenset()) != cold_loss(frozenset())
+
+
+def test_the_warm_start_does_not_take_the_sgd_rate(demo_proxy, records):
+    """The warm start is AdamW: with SGD v(S) it runs at AdamW's default whatever the SGD rate (AdamW at an SGD
+    rate such as 0.1 would move every weight by ~0.1 per step), and with AdamW v(S) at ``lr``."""
+    def warm(**kw):
+        s = ShedSettings(steps=2, batch_size=4, max_length=80, warm_start_steps=3, **kw)
+        return LoraValue(demo_proxy, records[:4], records[-8:], s, warm_records=records[10:40]).start
+
+    a, b = warm(lr=0.1), warm(lr=0.5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c, d = warm(optimizer="adamw", lr=1e-3), warm(optimizer="adamw", lr=3e-2)
+    assert not all(torch.equal(c[k], d[k]) for k in c)
+    assert ShedSettings(lr=0.1).warm_lr == 3e-3 and ShedSettings(optimizer="adamw", lr=1e-3).warm_lr == 1e-3
 
 
 @pytest.mark.assets

@@ -136,6 +136,12 @@ class ShedSettings(BaseModel):
         """The learning rate of the v(S) fine-tunes: ``lr``, or the optimizer's default."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
+    @property
+    def warm_lr(self) -> float:
+        """The AdamW rate of the warm start: ``lr`` when v(S) trains with AdamW too, else AdamW's default
+        (an SGD rate such as 0.1 would make AdamW's first steps move every weight by 0.1)."""
+        return self.value_lr if self.optimizer == "adamw" else DEFAULT_LR["adamw"]
+
     # -- derived sizes -------------------------------------------------------------------
     def budget_count(self, n_candidates: int, held_out: int = 0) -> int:
         """The number of records to keep out of ``n_candidates``; ``MiraError`` if impossible."""

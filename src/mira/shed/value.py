@@ -40,7 +40,8 @@ batch weighing the same (``record_mean_loss``).
 
 Warm start (``warm_start_steps > 0``): the starting state is not the fresh LoRA
 initialisation but an adapter first trained that many steps on the *non-proxy*
-candidate records (the same for every S). The short runs for v(S) then measure what a
+candidate records (the same for every S; AdamW, at ``lr`` only when v(S) uses AdamW too, else at
+3e-3). The short runs for v(S) then measure what a
 proxy adds beyond learning the prompt format; this is the ``initial_checkpoint`` of the
 paper's reference scripts. The game stays well defined: v(empty) is the warm adapter's score.
 """
@@ -162,7 +163,7 @@ class LoraValue:
         self._keys: dict[int, np.ndarray] = {}
         if s.warm_start_steps and warm_records:
             warm_ds = tokenize_records(list(warm_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
-            warm = LocalTrainer(proxy.slot, proxy.pad_id, TrainSettings(lr=s.lr or 3e-3, batch_size=s.batch_size,
+            warm = LocalTrainer(proxy.slot, proxy.pad_id, TrainSettings(lr=s.warm_lr, batch_size=s.batch_size,
                                                                         weight_decay=0.0, grad_clip=1.0))
             proxy.slot.set(proxy.slot.initial_state)
             warm.train(warm_ds, seed=s.seed + 1, steps=s.warm_start_steps)
