@@ -7,7 +7,8 @@ seeds in one, MIRA's in another), reading each run's ``summary.json``, ``metrics
 
 Per algorithm: mean local and global test loss, ROUGE-L and the graph AUC at the last round,
 mean +- 95% t half-width over seeds; the mean local test loss at every evaluated round (does the
-baseline flatten?); and, against the baseline, the paired per-seed differences (same seed = same
+baseline flatten?), and the local, global and validation loss curves (``--plot`` draws the first two); the test losses at
+the round each algorithm's mean validation loss is lowest (early stopping, chosen on validation); and, against the baseline, the paired per-seed differences (same seed = same
 data sample) and per-client wins / ties / losses (|difference| <= 0.005 is a tie). Only
 finished runs (a ``summary.json``) count.
 """
@@ -43,13 +44,99 @@ def runs(folders: list[str]) -> dict[str, dict[int, Path]]:
     return out
 
 
-def curve(run: Path) -> dict[int, float]:
-    by_round: dict[int, list[float]] = defaultdict(list)
+METRICS = ("local_loss", "global_loss", "val_loss")
+
+
+def curve(run: Path) -> dict[str, dict[int, float]]:
+    """Per metric (local, global, validation loss), the mean over the evaluated clients at each round."""
+    by: dict[str, dict[int, list[float]]] = {m: defaultdict(list) for m in METRICS}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         e = json.loads(line)
-        if e.get("local_loss") is not None and "client" in e:
-            by_round[int(e["round"])].append(float(e["local_loss"]))
-    return {r: float(np.mean(v)) for r, v in sorted(by_round.items())}
+        if "client" not in e:
+            continue
+        for m in METRICS:
+            if e.get(m) is not None:
+                by[m][int(e["round"])].append(float(e[m]))
+    return {m: {r: float(np.mean(v)) for r, v in sorted(rounds.items())} for m, rounds in by.items()}
+
+
+def at_round(run: Path, r: int) -> dict[int, dict[str, float]]:
+    """Each client's local and global test loss at round ``r``."""
+    out: dict[int, dict[str, float]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if "client" in e and int(e["round"]) == r and e.get("local_loss") is not None:
+            out[int(e["client"])] = {"local": float(e["local_loss"]), "global": e.get("global_loss")}
+    return out
+
+
+def stopped_on_validation(found: dict[str, dict[int, Path]], doc: dict, baseline: str) -> dict:
+    """Early stopping as a tuned hyperparameter: for each algorithm, the evaluated round with the lowest mean
+    validation loss (over clients and seeds), and the test losses there; paired against the baseline at its
+    own chosen round (same seed = same data)."""
+    chosen, per_seed = {}, {}
+    for label, seeds in found.items():
+        c = doc["algorithms"][label]["curves"]["val_loss"]
+        if not c["rounds"]:
+            continue
+        r = c["rounds"][int(np.argmin(c["mean"]))]
+        per_seed[label] = {s: at_round(p, r) for s, p in seeds.items()}
+        loc = [float(np.mean([v["local"] for v in cl.values()])) for cl in per_seed[label].values()]
+        glo = [float(np.mean([v["global"] for v in cl.values()])) for cl in per_seed[label].values()
+               if all(v["global"] is not None for v in cl.values())]
+        chosen[label] = {"round": r, "val_loss": float(min(c["mean"])),
+                         "local": {"mean": float(np.mean(loc)), "ci95": ci95(loc), "per_seed": loc},
+                         "global": {"mean": float(np.mean(glo)) if glo else None, "ci95": ci95(glo) if glo else None,
+                                    "per_seed": glo}}
+    if baseline in per_seed:
+        for label in chosen:
+            if label == baseline:
+                continue
+            common = sorted(set(per_seed[label]) & set(per_seed[baseline]))
+            d_loc, d_glo, wins = [], [], [0, 0, 0]
+            for s in common:
+                a, b = per_seed[label][s], per_seed[baseline][s]
+                d_loc.append(float(np.mean([v["local"] for v in a.values()]) - np.mean([v["local"] for v in b.values()])))
+                if all(v["global"] is not None for v in list(a.values()) + list(b.values())):
+                    d_glo.append(float(np.mean([v["global"] for v in a.values()])
+                                       - np.mean([v["global"] for v in b.values()])))
+                for k, v in a.items():
+                    diff = v["local"] - b[k]["local"]
+                    wins[0 if diff < -TIE else 1 if abs(diff) <= TIE else 2] += 1
+            chosen[label]["paired"] = {"seeds": common, "d_local": {"mean": float(np.mean(d_loc)), "ci95": ci95(d_loc),
+                                                                    "per_seed": d_loc},
+                                       "d_global": {"mean": float(np.mean(d_glo)) if d_glo else None,
+                                                    "ci95": ci95(d_glo) if d_glo else None, "per_seed": d_glo},
+                                       "clients_better_tied_worse": wins}
+    return chosen
+
+
+def plot(doc: dict, path: str) -> None:
+    """Mean local and global test loss per evaluated round, every algorithm, band = 95% t half-width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in zip(axes, ("local_loss", "global_loss"), ("mean local test loss", "mean global test loss")):
+        for label, row in doc["algorithms"].items():
+            c = row["curves"][metric]
+            if not c["rounds"]:
+                continue
+            r, m, h = np.array(c["rounds"]), np.array(c["mean"]), np.nan_to_num(np.array(c["ci95"]))
+            ax.plot(r, m, marker="o", ms=3, label=f"{label[:60]} ({len(row['seeds'])} seeds)")
+            ax.fill_between(r, m - h, m + h, alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats per response token)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * len(labels), 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -57,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--baseline", required=True, help="the label of the algorithm to pair against")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--plot", default=None, help="PNG of the local and global test loss curves")
     args = ap.parse_args(argv)
     found = runs(args.folders)
     if args.baseline not in found:
@@ -70,8 +158,13 @@ def main(argv=None) -> int:
             row[key] = {"mean": float(np.mean(vals)) if vals else None, "ci95": ci95(vals) if vals else None,
                         "per_seed": vals}
         curves = [curve(p) for p in seeds.values()]
-        common = sorted(set.intersection(*(set(c) for c in curves)))
-        row["local_loss_by_round"] = {r: float(np.mean([c[r] for c in curves])) for r in common}
+        common = sorted(set.intersection(*(set(c["local_loss"]) for c in curves)))
+        row["local_loss_by_round"] = {r: float(np.mean([c["local_loss"][r] for c in curves])) for r in common}
+        row["curves"] = {}
+        for m in METRICS:
+            rounds = sorted(set.intersection(*(set(c[m]) for c in curves)))
+            row["curves"][m] = {"rounds": rounds, "mean": [float(np.mean([c[m][r] for c in curves])) for r in rounds],
+                                "ci95": [ci95([c[m][r] for c in curves]) for r in rounds]}
         doc["algorithms"][label] = row
     base = found[args.baseline]
     for label, seeds in sorted(found.items()):
@@ -94,20 +187,39 @@ def main(argv=None) -> int:
             "d_global": {"mean": float(np.mean(d_global)) if d_global else None,
                          "ci95": ci95(d_global) if d_global else None, "per_seed": d_global},
             "clients_better_tied_worse": wins}
+    doc["stopped_on_validation"] = stopped_on_validation(found, doc, args.baseline)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    if args.plot:
+        plot(doc, args.plot)
     for label, row in doc["algorithms"].items():
         loc, glo = row["mean_local_test_loss"], row["mean_global_test_loss"]
         auc = row["graph_auc_last"]["mean"]
         print(f"{label[:70]:70} seeds {row['seeds']}: local {loc['mean']:.4f} +- {loc['ci95']:.4f}, "
               f"global {glo['mean']:.4f} +- {glo['ci95']:.4f}, ROUGE-L {row['mean_rouge_l']['mean']:.3f}"
               + (f", graph AUC {auc:.3f}" if auc is not None else ""))
-        print(f"{'':70} local loss by round: " + ", ".join(f"{r}: {v:.3f}" for r, v in row["local_loss_by_round"].items()))
+        for m in METRICS:
+            c = row["curves"][m]
+            if c["rounds"]:
+                print(f"{'':70} {m} by round: " + ", ".join(f"{r}: {v:.3f}" for r, v in zip(c["rounds"], c["mean"])))
     for label, p in doc["paired"].items():
         print(f"{label[:70]:70} - baseline, seeds {p['seeds']}: local {p['d_local']['mean']:+.4f} +- "
               f"{p['d_local']['ci95']:.4f} {[round(x, 4) for x in p['d_local']['per_seed']]}, global "
               f"{p['d_global']['mean']:+.4f} +- {p['d_global']['ci95']:.4f}, clients better/tied/worse "
               f"{p['clients_better_tied_worse']}")
+    for label, c in doc["stopped_on_validation"].items():
+        line = (f"{label[:70]:70} stopped on validation at round {c['round']} (val {c['val_loss']:.4f}): local "
+                f"{c['local']['mean']:.4f} +- {c['local']['ci95']:.4f}")
+        if c["global"]["mean"] is not None:
+            line += f", global {c['global']['mean']:.4f} +- {c['global']['ci95']:.4f}"
+        if "paired" in c:
+            p = c["paired"]
+            line += (f"; - baseline at its round: local {p['d_local']['mean']:+.4f} +- {p['d_local']['ci95']:.4f} "
+                     f"{[round(x, 4) for x in p['d_local']['per_seed']]}")
+            if p["d_global"]["mean"] is not None:
+                line += f", global {p['d_global']['mean']:+.4f} +- {p['d_global']['ci95']:.4f}"
+            line += f", clients better/tied/worse {p['clients_better_tied_worse']}"
+        print(line)
     print(f"written: {args.out}")
     return 0
 
