@@ -47,67 +47,78 @@ def runs(folders: list[str]) -> dict[str, dict[int, Path]]:
 METRICS = ("local_loss", "global_loss", "val_loss")
 
 
-def curve(run: Path) -> dict[str, dict[int, float]]:
+def client_rows(run: Path) -> list[dict]:
+    """The per-client evaluation entries of a run's ``metrics.jsonl`` (read once per run)."""
+    rows = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    return [e for e in rows if "client" in e]
+
+
+def curve(rows: list[dict]) -> dict[str, dict[int, float]]:
     """Per metric (local, global, validation loss), the mean over the evaluated clients at each round."""
     by: dict[str, dict[int, list[float]]] = {m: defaultdict(list) for m in METRICS}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if "client" not in e:
-            continue
+    for e in rows:
         for m in METRICS:
             if e.get(m) is not None:
                 by[m][int(e["round"])].append(float(e[m]))
     return {m: {r: float(np.mean(v)) for r, v in sorted(rounds.items())} for m, rounds in by.items()}
 
 
-def at_round(run: Path, r: int) -> dict[int, dict[str, float]]:
-    """Each client's local and global test loss at round ``r``."""
-    out: dict[int, dict[str, float]] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if "client" in e and int(e["round"]) == r and e.get("local_loss") is not None:
-            out[int(e["client"])] = {"local": float(e["local_loss"]), "global": e.get("global_loss")}
-    return out
+def snapshot(local: float, global_: float | None, clients: dict[int, float]) -> dict:
+    """One seed of one algorithm, as ``paired`` compares it: mean local and global test loss, and each
+    client's local test loss."""
+    return {"local": float(local), "global": global_, "clients": clients}
 
 
-def stopped_on_validation(found: dict[str, dict[int, Path]], doc: dict, baseline: str) -> dict:
+def at_round(rows: list[dict], r: int) -> dict:
+    """The ``snapshot`` of round ``r`` (global: None unless every client has one)."""
+    at = [e for e in rows if int(e["round"]) == r and e.get("local_loss") is not None]
+    glo = [e.get("global_loss") for e in at]
+    return snapshot(np.mean([e["local_loss"] for e in at]),
+                    float(np.mean(glo)) if all(g is not None for g in glo) else None,
+                    {int(e["client"]): float(e["local_loss"]) for e in at})
+
+
+def paired(a: dict[int, dict], b: dict[int, dict]) -> dict:
+    """``a`` - ``b`` over their common seeds (same seed = same data sample): the mean local and global
+    differences with 95% t half-widths, and per-client wins / ties / losses (|difference| <= TIE)."""
+    common = sorted(set(a) & set(b))
+    d_local, d_global, wins = [], [], [0, 0, 0]
+    for s in common:
+        x, y = a[s], b[s]
+        d_local.append(x["local"] - y["local"])
+        if x["global"] is not None and y["global"] is not None:
+            d_global.append(x["global"] - y["global"])
+        for k, v in x["clients"].items():
+            diff = v - y["clients"][k]
+            wins[0 if diff < -TIE else 1 if abs(diff) <= TIE else 2] += 1
+    return {"seeds": common,
+            "d_local": {"mean": float(np.mean(d_local)), "ci95": ci95(d_local), "per_seed": d_local},
+            "d_global": {"mean": float(np.mean(d_global)) if d_global else None,
+                         "ci95": ci95(d_global) if d_global else None, "per_seed": d_global},
+            "clients_better_tied_worse": wins}
+
+
+def stopped_on_validation(rows: dict[str, dict[int, list[dict]]], doc: dict, baseline: str) -> dict:
     """Early stopping as a tuned hyperparameter: for each algorithm, the evaluated round with the lowest mean
     validation loss (over clients and seeds), and the test losses there; paired against the baseline at its
     own chosen round (same seed = same data)."""
     chosen, per_seed = {}, {}
-    for label, seeds in found.items():
+    for label, seeds in rows.items():
         c = doc["algorithms"][label]["curves"]["val_loss"]
         if not c["rounds"]:
             continue
         r = c["rounds"][int(np.argmin(c["mean"]))]
-        per_seed[label] = {s: at_round(p, r) for s, p in seeds.items()}
-        loc = [float(np.mean([v["local"] for v in cl.values()])) for cl in per_seed[label].values()]
-        glo = [float(np.mean([v["global"] for v in cl.values()])) for cl in per_seed[label].values()
-               if all(v["global"] is not None for v in cl.values())]
+        per_seed[label] = {s: at_round(seed_rows, r) for s, seed_rows in seeds.items()}
+        loc = [v["local"] for v in per_seed[label].values()]
+        glo = [v["global"] for v in per_seed[label].values() if v["global"] is not None]
         chosen[label] = {"round": r, "val_loss": float(min(c["mean"])),
                          "local": {"mean": float(np.mean(loc)), "ci95": ci95(loc), "per_seed": loc},
                          "global": {"mean": float(np.mean(glo)) if glo else None, "ci95": ci95(glo) if glo else None,
                                     "per_seed": glo}}
     if baseline in per_seed:
         for label in chosen:
-            if label == baseline:
-                continue
-            common = sorted(set(per_seed[label]) & set(per_seed[baseline]))
-            d_loc, d_glo, wins = [], [], [0, 0, 0]
-            for s in common:
-                a, b = per_seed[label][s], per_seed[baseline][s]
-                d_loc.append(float(np.mean([v["local"] for v in a.values()]) - np.mean([v["local"] for v in b.values()])))
-                if all(v["global"] is not None for v in list(a.values()) + list(b.values())):
-                    d_glo.append(float(np.mean([v["global"] for v in a.values()])
-                                       - np.mean([v["global"] for v in b.values()])))
-                for k, v in a.items():
-                    diff = v["local"] - b[k]["local"]
-                    wins[0 if diff < -TIE else 1 if abs(diff) <= TIE else 2] += 1
-            chosen[label]["paired"] = {"seeds": common, "d_local": {"mean": float(np.mean(d_loc)), "ci95": ci95(d_loc),
-                                                                    "per_seed": d_loc},
-                                       "d_global": {"mean": float(np.mean(d_glo)) if d_glo else None,
-                                                    "ci95": ci95(d_glo) if d_glo else None, "per_seed": d_glo},
-                                       "clients_better_tied_worse": wins}
+            if label != baseline:
+                chosen[label]["paired"] = paired(per_seed[label], per_seed[baseline])
     return chosen
 
 
@@ -150,44 +161,30 @@ def main(argv=None) -> int:
     if args.baseline not in found:
         raise SystemExit(f"no finished run of the baseline {args.baseline!r}; found {sorted(found)}")
     doc = {"folders": args.folders, "baseline": args.baseline, "algorithms": {}, "paired": {}}
+    rows = {label: {s: client_rows(p) for s, p in seeds.items()} for label, seeds in found.items()}
+    final: dict[str, dict[int, dict]] = {}  # the snapshot of each run's summary.json
     for label, seeds in sorted(found.items()):
         sums = {s: json.loads((p / "summary.json").read_text()) for s, p in sorted(seeds.items())}
+        final[label] = {s: snapshot(v["mean_local_test_loss"], v.get("mean_global_test_loss"),
+                                    {c["id"]: c["local_test_loss"] for c in v["clients"]}) for s, v in sums.items()}
         row = {"seeds": sorted(sums)}
         for key in ("mean_local_test_loss", "mean_global_test_loss", "mean_rouge_l", "graph_auc_last"):
             vals = [v[key] for v in sums.values() if v.get(key) is not None]
             row[key] = {"mean": float(np.mean(vals)) if vals else None, "ci95": ci95(vals) if vals else None,
                         "per_seed": vals}
-        curves = [curve(p) for p in seeds.values()]
-        common = sorted(set.intersection(*(set(c["local_loss"]) for c in curves)))
-        row["local_loss_by_round"] = {r: float(np.mean([c["local_loss"][r] for c in curves])) for r in common}
+        curves = [curve(r) for r in rows[label].values()]
         row["curves"] = {}
         for m in METRICS:
             rounds = sorted(set.intersection(*(set(c[m]) for c in curves)))
             row["curves"][m] = {"rounds": rounds, "mean": [float(np.mean([c[m][r] for c in curves])) for r in rounds],
                                 "ci95": [ci95([c[m][r] for c in curves]) for r in rounds]}
+        local = row["curves"]["local_loss"]
+        row["local_loss_by_round"] = dict(zip(local["rounds"], local["mean"]))
         doc["algorithms"][label] = row
-    base = found[args.baseline]
-    for label, seeds in sorted(found.items()):
-        if label == args.baseline:
-            continue
-        common = sorted(set(seeds) & set(base))
-        d_local, d_global, wins = [], [], [0, 0, 0]
-        for s in common:
-            a, b = (json.loads((x[s] / "summary.json").read_text()) for x in (seeds, base))
-            d_local.append(a["mean_local_test_loss"] - b["mean_local_test_loss"])
-            if a.get("mean_global_test_loss") is not None and b.get("mean_global_test_loss") is not None:
-                d_global.append(a["mean_global_test_loss"] - b["mean_global_test_loss"])
-            theirs = {c["id"]: c["local_test_loss"] for c in b["clients"]}
-            for c in a["clients"]:
-                diff = c["local_test_loss"] - theirs[c["id"]]
-                wins[0 if diff < -TIE else 1 if abs(diff) <= TIE else 2] += 1
-        doc["paired"][label] = {
-            "seeds": common,
-            "d_local": {"mean": float(np.mean(d_local)), "ci95": ci95(d_local), "per_seed": d_local},
-            "d_global": {"mean": float(np.mean(d_global)) if d_global else None,
-                         "ci95": ci95(d_global) if d_global else None, "per_seed": d_global},
-            "clients_better_tied_worse": wins}
-    doc["stopped_on_validation"] = stopped_on_validation(found, doc, args.baseline)
+    for label in sorted(found):
+        if label != args.baseline:
+            doc["paired"][label] = paired(final[label], final[args.baseline])
+    doc["stopped_on_validation"] = stopped_on_validation(rows, doc, args.baseline)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     if args.plot:
