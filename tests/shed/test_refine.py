@@ -194,3 +194,22 @@ def test_train_seeds_per_unit(records):
     assert per.reliability.evaluations == per.shapley.evaluations > fixed.shapley.evaluations
     with pytest.raises(MiraError, match="train_seeds"):
         refine(records, fake(train_seeds="per_unit"), value_factory=lambda proxies, val: TaskValue(proxies))
+
+
+def test_proxy_size_trains_v_on_several_members_per_cluster(records):
+    """proxy_size 3: each cluster's three nearest members are its player's records; the rest may be background."""
+    from mira.shed.value import ProxyModel
+
+    s = ShedSettings(embedder="hashing", budget_fraction=0.25, clusters=6, iterations=2, group_size=2, steps=3,
+                     batch_size=4, max_val=6, max_length=80, background=4, noise_seeds=0, seed=1)
+    proxy = ProxyModel.load(s)
+    logs: list[str] = []
+    one = refine(records[::3], s, proxy=proxy)
+    three = refine(records[::3], s.model_copy(update={"proxy_size": 3}), proxy=proxy, log=logs.append)
+    again = refine(records[::3], s.model_copy(update={"proxy_size": 3}), proxy=proxy)
+    assert np.array_equal(three.values, again.values)  # deterministic
+    assert not np.array_equal(three.values, one.values)  # the members change what v(S) learns
+    assert three.clustering.labels.tolist() == one.clustering.labels.tolist()  # same clusters, other players
+    assert any("up to 3 members of each cluster" in m for m in logs)
+    with pytest.raises(MiraError, match="proxy_size"):
+        ShedSettings.from_mapping({"proxy_size": 0, "budget_fraction": 0.1})

@@ -56,7 +56,8 @@ def test_background_records_are_in_every_coalition(demo_proxy, records):
     plain = LoraValue(demo_proxy, records[:6], records[-8:], s)
     with_bg = LoraValue(demo_proxy, records[:6], records[-8:], s, background_records=records[30:34])
     assert with_bg.background == frozenset(range(6, 10))
-    assert plain.batches(frozenset(), 0) == [] and len(with_bg.batches(with_bg.background, 0)) == 3
+    assert plain.batches(frozenset(), 0) == [] and len(with_bg.batches(frozenset(), 0)) == 3
+    assert all(set(b) <= {with_bg.row_of[u] for u in with_bg.background} for b in with_bg.batches(frozenset(), 0))
     assert with_bg(frozenset()) != plain(frozenset())  # v(empty) already trains on the background
     assert plain(frozenset()) == pytest.approx(plain.score())
 
@@ -144,3 +145,24 @@ def test_record_weighting_gives_every_record_the_same_weight(demo_proxy, records
     everyone = frozenset(range(6))
     assert ShedSettings().loss_weighting == "token"  # the default is unchanged
     assert record(everyone) != token(everyone) and record(frozenset()) == token(frozenset())
+
+
+def test_a_player_of_several_records_trains_on_all_of_them(demo_proxy, records):
+    """proxy_size > 1: each player brings several records; with one record per player nothing changes."""
+    s = ShedSettings(steps=4, batch_size=4, max_length=80, lr=0.05)
+    single = LoraValue(demo_proxy, records[:6], records[-8:], s, background_records=records[30:32])
+    listed = LoraValue(demo_proxy, [[r] for r in records[:6]], records[-8:], s, background_records=records[30:32])
+    for c in (frozenset(), frozenset({1, 4}), frozenset(range(6))):
+        assert listed.batches(c, 0) == single.batches(c, 0)
+    assert listed(frozenset({1, 4})) == single(frozenset({1, 4}))
+    groups = [records[3 * p:3 * p + 3] for p in range(4)]  # 4 players of 3 records each
+    multi = LoraValue(demo_proxy, groups, records[-8:], s)
+    assert multi.n_players == 4 and multi.n_units == 12
+    assert [u.tolist() for u in multi.units_of] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    rows = {r for b in multi.batches(frozenset({2}), 0) for r in b}
+    assert rows == {multi.row_of[u] for u in (6, 7, 8)}  # player 2 alone: its three records, nothing else
+    assert all(len(b) == 4 for b in multi.batches(frozenset({0, 2}), 0))  # 6 records, batches of 4
+    proxies_only = LoraValue(demo_proxy, [g[0] for g in groups], records[-8:], s)
+    assert multi(frozenset({0, 1})) != proxies_only(frozenset({0, 1}))  # the members train too
+    with pytest.raises(Exception, match="at least one record"):
+        LoraValue(demo_proxy, [[records[0]], []], records[-8:], s)

@@ -81,6 +81,9 @@ def refine_cmd(
     steps: int = typer.Option(10, "--steps", help="LoRA steps per v(S), the same for every coalition"),
     background: int = typer.Option(24, "--background",
                                    help="non-proxy records every v(S) also trains on (0: none, as the paper)"),
+    proxy_size: int = typer.Option(1, "--proxy-size",
+                                   help="records per cluster v(S) trains on: the proxy and the next nearest "
+                                        "members (1: the paper's single proxy)"),
     epochs: Optional[str] = typer.Option(None, "--epochs", hidden=True),
     optimizer: str = typer.Option("sgd", "--optimizer", help="of the v(S) fine-tunes: sgd or adamw"),
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of the v(S) fine-tunes "
@@ -126,7 +129,7 @@ def refine_cmd(
         "budget_fraction": budget_fraction, "budget_records": budget_records, "strategy": strategy, "model": model,
         "clusters": clusters, "iterations": iterations, "group_size": group_size, "antithetic": antithetic,
         "center": center, "beta": beta, "standardize": standardize, "seed": seed, "val_fraction": val_fraction,
-        "max_val": max_val, "steps": steps, "background": background, "optimizer": optimizer, "lr": lr,
+        "max_val": max_val, "steps": steps, "background": background, "proxy_size": proxy_size, "optimizer": optimizer, "lr": lr,
         "metric": metric, "loss_weighting": loss_weighting, "embedder": embedder,
         "embed_fields": embed_fields, "tolerance": tolerance,
         "noise_seeds": noise_seeds, "train_seeds": train_seeds, "reliability_threshold": reliability_threshold,

@@ -173,7 +173,9 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
         from mira.shed.value import LoraValue, ProxyModel
 
         proxy = proxy or ProxyModel.load(s)
-        proxy_set = set(clustering.proxies.tolist())
+        # each cluster's representatives: its proxy and (proxy_size > 1) the next nearest members
+        reps = [m[: s.proxy_size].tolist() for m in clustering.members]
+        proxy_set = {i for r in reps for i in r}
         warm = [r for i, r in enumerate(cand_records) if i not in proxy_set]
         background = []
         if s.background:
@@ -181,7 +183,10 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
             background = [warm[i] for i in sorted(pick.tolist())]
             if len(background) < s.background:
                 log(f"background: {len(background)} non-proxy records (all there are; background {s.background})")
-        value_fn = LoraValue(proxy, proxy_records, val, s, warm, log, background_records=background)
+        players = proxy_records if s.proxy_size == 1 else [[cand_records[i] for i in r] for r in reps]
+        if s.proxy_size > 1:
+            log(f"v(S) trains on up to {s.proxy_size} members of each cluster ({len(proxy_set)} records)")
+        value_fn = LoraValue(proxy, players, val, s, warm, log, background_records=background)
     timings["value_setup_s"] = time.perf_counter() - t0
     cached = value_fn if isinstance(value_fn, CachedValue) else CachedValue(value_fn)
     try:

@@ -79,6 +79,9 @@ class ShedSettings(BaseModel):
     steps: int = Field(10, gt=0)
     epochs: Optional[Any] = None  # removed (see OLD_EPOCHS); kept only to refuse it clearly
     background: int = Field(24, ge=0)  # non-proxy records every v(S) also trains on (see mira.shed.value)
+    # records per cluster that v(S) trains on: its proxy and the next nearest members (1 = the paper's one proxy);
+    # a cluster's value then averages over its members instead of resting on one record
+    proxy_size: int = Field(1, gt=0)
     warm_start_steps: int = Field(0, ge=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # of the v(S) fine-tunes (SGD: marginals far less chaotic)
     # the training loss of v(S): "token" = mean over every response token of the batch (a record weighs as

@@ -33,6 +33,12 @@ sample of that many *non-proxy* candidate records, drawn into the batches like m
 A proxy's marginal is then what it adds to a training set that is never tiny, instead of the
 chaotic first steps on a handful of records (where whichever records come first dominate).
 
+Players of several records (``proxy_size > 1``): a player (a cluster) may bring several records, its
+proxy and the next nearest members. The batches are then drawn over records (*units*) by the same
+fixed priorities, and a coalition trains on every record of its players, so a cluster's value averages
+over its members instead of resting on one record. With one record per player, unit ids are player ids
+and nothing changes.
+
 Loss weighting (``loss_weighting``): ``token`` (default) trains on the model's own loss, the mean over
 every response token of a batch, so a record weighs as many tokens as it has (a two-token non-answer
 barely moves the adapter); ``record`` averages each record's own mean token loss, every record of a
@@ -141,19 +147,28 @@ class ProxyModel:
 class LoraValue:
     """``v(S)`` for coalitions ``S`` of proxy ids ``0..len(proxy_records)-1`` (see the module docstring)."""
 
-    def __init__(self, proxy: ProxyModel, proxy_records: Sequence[Record], val_records: Sequence[Record],
-                 s: ShedSettings, warm_records: Sequence[Record] = (), log: Callable[[str], None] = lambda m: None,
-                 background_records: Sequence[Record] = ()):
+    def __init__(self, proxy: ProxyModel, proxy_records: Sequence[Record | Sequence[Record]],
+                 val_records: Sequence[Record], s: ShedSettings, warm_records: Sequence[Record] = (),
+                 log: Callable[[str], None] = lambda m: None, background_records: Sequence[Record] = ()):
         self.proxy = proxy
         self.s = s
         self.score_fn = SCORES[s.metric]
-        self.n_players = len(proxy_records)
-        # background records are players n.. that every coalition contains
-        self.background = frozenset(range(self.n_players, self.n_players + len(background_records)))
-        # proxies keep their ids: a long input is cut from its middle, a long response from its end; a
-        # proxy whose instruction alone does not fit trains nothing (its marginal is measured as zero)
-        self.train_ds = tokenize_records(list(proxy_records) + list(background_records), proxy.tokenizer, s.max_length,
-                                         s.template, "truncate_input")
+        # each player is one record (its cluster's proxy) or several (its ``proxy_size`` representatives);
+        # the training *units* are the records: player p's units are contiguous, background units come last,
+        # so with one record per player unit ids are player ids (the batches are the same either way)
+        groups = [[r] if isinstance(r, Record) else list(r) for r in proxy_records]
+        if any(not g for g in groups):
+            raise MiraError("every player of v(S) needs at least one record", where="proxy_records")
+        self.n_players = len(groups)
+        ends = np.cumsum([len(g) for g in groups])
+        self.n_units = int(ends[-1]) if len(ends) else 0
+        self.units_of = [np.arange(end - len(g), end) for g, end in zip(groups, ends)]
+        # background records are units n_units.. that every coalition contains
+        self.background = frozenset(range(self.n_units, self.n_units + len(background_records)))
+        # units keep their ids: a long input is cut from its middle, a long response from its end; a
+        # record whose instruction alone does not fit trains nothing (a player of such records has marginal zero)
+        self.train_ds = tokenize_records([r for g in groups for r in g] + list(background_records), proxy.tokenizer,
+                                         s.max_length, s.template, "truncate_input")
         self.row_of = {src: i for i, src in enumerate(self.train_ds.source_index)}
         self.val_ds = tokenize_records(list(val_records), proxy.tokenizer, s.max_length, s.template, "truncate_input")
         if not len(self.val_ds):
@@ -176,24 +191,30 @@ class LoraValue:
         return float(self.score_fn(self.proxy.model, self.val_ds, self.proxy.pad_id, self.s.eval_batch_size))
 
     def keys(self, seed: int) -> np.ndarray:
-        """The batch priorities ``(steps, n_players)`` of training seed ``seed`` (drawn once)."""
+        """The batch priorities ``(steps, n_units)`` of training seed ``seed`` (drawn once)."""
         if seed not in self._keys:
-            n = self.n_players + len(self.background)
+            n = self.n_units + len(self.background)
             self._keys[seed] = np.random.default_rng([int(seed), 11]).random((self.s.steps, max(1, n)))
         return self._keys[seed]
 
+    def units(self, coalition: frozenset) -> list[int]:
+        """The training units (records) of the players in ``coalition``, background included."""
+        out = [int(u) for p in coalition for u in self.units_of[p]] if coalition else []
+        return out + sorted(self.background)
+
     def batches(self, coalition: frozenset, seed: int) -> list[list[int]]:
-        """Dataset rows of each step's batch: the ``batch_size`` members of ``coalition`` with the smallest keys."""
-        players = np.array(sorted(p for p in coalition if p in self.row_of), dtype=np.int64)
-        if not len(players):
+        """Dataset rows of each step's batch: the ``batch_size`` units of ``coalition`` (and the background)
+        with the smallest keys."""
+        units = np.array(sorted(u for u in self.units(frozenset(coalition)) if u in self.row_of), dtype=np.int64)
+        if not len(units):
             return []
-        keys = self.keys(seed)[:, players]
-        b = min(self.s.batch_size, len(players))
-        if b < len(players):
+        keys = self.keys(seed)[:, units]
+        b = min(self.s.batch_size, len(units))
+        if b < len(units):
             chosen = np.argpartition(keys, b - 1, axis=1)[:, :b]
         else:
             chosen = np.tile(np.arange(b), (len(keys), 1))
-        return [sorted(self.row_of[int(p)] for p in players[row]) for row in chosen]
+        return [sorted(self.row_of[int(u)] for u in units[row]) for row in chosen]
 
     def train(self, batches: list[list[int]], seed: int) -> None:
         """SGD (or AdamW) on the slot's LoRA tensors over ``batches`` (grad clip 1, no weight decay)."""
@@ -226,7 +247,7 @@ class LoraValue:
     def evaluate(self, coalition: frozenset, seed: int) -> float:
         """v(coalition) trained with the batch priorities (and dropout) of ``seed``."""
         self.proxy.slot.set(self.start)
-        batches = self.batches(frozenset(coalition) | self.background, seed)
+        batches = self.batches(frozenset(coalition), seed)
         if batches:
             self.train(batches, seed)
         return self.score()
