@@ -214,10 +214,34 @@ def test_comparison_png_labels_do_not_overlap_with_many_algorithms():
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
     boxes = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
-    assert [t.get_text() for t in ax.get_yticklabels()] == algos
+    assert [t.get_text().replace("\n", "") for t in ax.get_yticklabels()] == algos  # long ones wrapped
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     fig_box = fig.bbox
     assert all(b.x0 >= fig_box.x0 - 1 and b.x1 <= fig_box.x1 + 1 for b in boxes)  # not cut off
+
+
+def test_comparison_png_with_the_real_long_labels_keeps_every_text_inside_and_the_plot_readable():
+    """The labels `mira compare` writes (130 characters for MIRA with the profile graph) are wrapped after
+    commas: every text stays inside the figure, no two labels overlap, and the bars keep most of the width."""
+    from mira.report.plots import comparison_figure, wrap_label
+
+    prof = ("mira(graph=similarity,similarity=profile,similarity_average=True,eta=0.1,estimator_diagnostics=True,"
+            "federation.lr=0.006,lambda=4)")
+    algos = ["fedit(federation.lr=0.012)", "local(federation.lr=0.003)", "mira(eta=0.1,federation.lr=0.012,lambda=0.5)",
+             prof, prof.replace("similarity=profile,", ""), "fedprox(mu=0.01,federation.lr=0.012)",
+             "ffa_lora(federation.lr=0.024)", "centralized(federation.lr=0.006)", "fedadam(federation.lr=0.001)"]
+    assert wrap_label(prof).replace("\n", "") == prof and max(map(len, wrap_label(prof).split("\n"))) <= 38
+    fig = comparison_figure(algos, list(np.linspace(2.8, 2.9, 9)), list(np.linspace(3.0, 2.8, 9)))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = [ax.title, ax.xaxis.label, *ax.get_legend().get_texts(), *ax.get_yticklabels()]
+    for t in texts:
+        b, f = t.get_window_extent(renderer), fig.bbox
+        assert f.x0 - 1 <= b.x0 and b.x1 <= f.x1 + 1 and f.y0 - 1 <= b.y0 and b.y1 <= f.y1 + 1, t.get_text()[:40]
+    ticks = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+    assert not any(a.overlaps(b) for i, a in enumerate(ticks) for b in ticks[i + 1:])
+    assert ax.get_window_extent(renderer).width >= 0.6 * fig.bbox.width  # the bars, not the labels, fill it
 
 
 # -- 4. the learned graph -----------------------------------------------------------------------------

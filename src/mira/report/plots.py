@@ -1,6 +1,7 @@
 """PNG plots of runs and comparisons (matplotlib, Agg backend)."""
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,11 +25,24 @@ def _curves(rows: list[dict]) -> tuple[list[int], list[float], list[float]]:
     return (rounds, [float(np.mean([r["local_loss"] for r in by_round[t]])) for t in rounds], [glob(t) for t in rounds])
 
 
+def wrap_label(label: str, width: int = 38) -> str:
+    """A long algorithm label (``mira(graph=similarity,...,lambda=2)``) on several lines, broken after commas."""
+    if len(label) <= width:
+        return label
+    lines, line = [], ""
+    for part in re.split(r"(?<=,)", label):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join(lines + [line])
+
+
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # nothing cut off (a legend outside the axes included)
     plt.close(fig)
     tmp.replace(path)
 
@@ -85,11 +99,14 @@ def plot_compare(out: Path, results: dict[str, dict]) -> None:
 
 def comparison_figure(algos: list[str], local: list[float], glob: list[float]):
     """The figure of ``comparison.png`` (separate, so a test can check that its labels do not overlap)."""
+    labels = [wrap_label(a) for a in algos]
+    lines = max(lab.count("\n") + 1 for lab in labels) if labels else 1
     y = np.arange(len(algos))
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.55 * len(algos) + 1.4)))
+    # a row tall enough for its label's lines; the figure wide enough for the labels and a readable plot
+    fig, ax = plt.subplots(figsize=(10, max(3.0, (0.3 + 0.14 * lines) * len(algos) + 1.6)))
     ax.barh(y - 0.2, local, 0.4, label="mean local test loss")
     ax.barh(y + 0.2, glob, 0.4, label="mean global test loss")
-    ax.set_yticks(y, algos, fontsize=8)
+    ax.set_yticks(y, labels, fontsize=7 if lines > 1 else 8)
     ax.invert_yaxis()  # the first algorithm on top, as in comparison.md
     shown = [v for v in local + glob if np.isfinite(v)]
     lo, hi = min(shown), max(shown)
@@ -113,7 +130,8 @@ def _compare_details(out: Path, results: dict[str, dict], algos: list[str]) -> N
     w = 0.8 / len(algos)
     fig, ax = plt.subplots(figsize=(max(7, len(first) * 1.1) + 2.5, 4.5))
     for i, a in enumerate(algos):
-        ax.bar(xc - 0.4 + w * (i + 0.5), [c["local_test_loss"] for c in results[a]["summary"]["clients"]], w, label=a,
+        ax.bar(xc - 0.4 + w * (i + 0.5), [c["local_test_loss"] for c in results[a]["summary"]["clients"]], w,
+               label=wrap_label(a, 60),
                color=colors[i])
     ax.set_xticks(xc, [f"{c['id']}: {c['task'][:16]}" for c in first], fontsize=7, rotation=30, ha="right")
     vals = [c["local_test_loss"] for a in algos for c in results[a]["summary"]["clients"]]
@@ -126,7 +144,7 @@ def _compare_details(out: Path, results: dict[str, dict], algos: list[str]) -> N
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for i, a in enumerate(algos):
         rounds, l, g = _curves(results[a]["rows"])
-        style = dict(color=colors[i], linestyle=_STYLES[(i // 10) % len(_STYLES)], marker=".", label=a)
+        style = dict(color=colors[i], linestyle=_STYLES[(i // 10) % len(_STYLES)], marker=".", label=wrap_label(a, 60))
         axes[0].plot(rounds, l, **style)
         axes[1].plot(rounds, g, **style)
     axes[0].set(xlabel="round", ylabel="mean local test loss", title="local loss")
