@@ -494,3 +494,25 @@ def test_a_spec_carries_its_own_tuned_learning_rate(tiny_cfg):
     assert config_for(cfg, *parse_spec("fedit")[1:], seed=1).federation.lr == cfg.federation.lr
     with pytest.raises(MiraError, match="federation.rounds cannot differ"):
         parse_spec("fedit:federation.rounds=3")
+
+
+def test_each_compare_seed_draws_its_own_data_sample(tiny_cfg):
+    """`mira compare --seeds 0,1` changes data.seed with the seed, so the clients' records differ between
+    seeds (the spread over seeds covers the data sample); vary_data=False keeps them."""
+    from mira.data.partition import partition
+    from mira.data.records import load_records
+    from mira.federated.compare import config_for
+
+    cfg = validate(_raw(tiny_cfg))
+
+    def sample(run):  # every record any client holds (train, validation, test), whatever the split
+        clients = partition(load_records(run.data, seed=run.data.seed), run.partition, seed=run.seed, min_train=1)
+        return sorted((r.instruction, r.input, r.output) for c in clients for r in c.train + c.val + c.test)
+
+    a, b = (config_for(cfg, "fedit", {}, seed=s) for s in (0, 1))
+    assert (a.data.seed, b.data.seed) == (cfg.data.seed, cfg.data.seed + 1) and (a.seed, b.seed) == (0, 1)
+    assert sample(a) != sample(b)  # other records, not only another split of the same ones
+    fixed = [config_for(cfg, "fedit", {}, seed=s, vary_data=False) for s in (0, 1)]
+    assert fixed[0].data.seed == fixed[1].data.seed == cfg.data.seed
+    assert sample(fixed[0]) == sample(fixed[1])
+    assert sample(config_for(cfg, "fedit", {}, seed=1)) == sample(b)  # and it is seeded
