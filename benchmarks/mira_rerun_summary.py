@@ -129,6 +129,8 @@ def plot(doc: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mira.report.plots import wrap_label
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, title in zip(axes, ("local_loss", "global_loss"), ("mean local test loss", "mean global test loss")):
         for label, row in doc["algorithms"].items():
@@ -136,7 +138,7 @@ def plot(doc: dict, path: str) -> None:
             if not c["rounds"]:
                 continue
             r, m, h = np.array(c["rounds"]), np.array(c["mean"]), np.nan_to_num(np.array(c["ci95"]))
-            ax.plot(r, m, marker="o", ms=3, label=f"{label[:60]} ({len(row['seeds'])} seeds)")
+            ax.plot(r, m, marker="o", ms=3, label=f"{wrap_label(label, 70)} ({len(row['seeds'])} seeds)")
             ax.fill_between(r, m - h, m + h, alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("round")
@@ -144,9 +146,10 @@ def plot(doc: dict, path: str) -> None:
     axes[0].set_ylabel("loss (nats per response token)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.03 + 0.045 * len(labels), 1, 1))
+    lines = sum(lab.count("\n") + 1 for lab in labels)
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * lines, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
