@@ -235,7 +235,7 @@ def plot(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    show = {"mira graph: similarity=cosine, average": "cosine of the averages (default)",
+    show = {"mira graph: similarity=cosine, average": "cosine of the averages (used until the profile runs)",
             "mira graph: similarity=profile, average": "profile",
             "per-module cosine + average": "per-module cosine",
             "cosine+average, centred across clients": "centred, clipped at 0",
