@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="v(S) training seed: one for every permutation (default) or one per antithetic pair")
     p.add_argument("--warm-start-steps", type=int, default=0,
                    help="v(S) starts from an adapter first trained this many steps on the non-proxy records")
+    p.add_argument("--proxy-size", type=int, default=1,
+                   help="records per cluster v(S) trains on: the proxy and the next nearest members (1: the proxy)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--template", default="compact")
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
                         budget_fraction=args.budget, strategy="qocs", background=args.background,
                         center=not args.no_center, loss_weighting=args.loss_weighting,
                         train_seeds=args.train_seeds, warm_start_steps=args.warm_start_steps,
-                        antithetic=not args.no_antithetic, tolerance=args.tolerance)
+                        antithetic=not args.no_antithetic, tolerance=args.tolerance, proxy_size=args.proxy_size)
     proxy = ProxyModel.load(base)
     runs = []
     for seed in seeds:

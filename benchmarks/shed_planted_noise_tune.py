@@ -37,7 +37,8 @@ def main():
                         template=args.template, budget_fraction=args.budget, strategy="qocs",
                         background=args.background, center=not args.no_center, antithetic=not args.no_antithetic,
                         tolerance=args.tolerance, loss_weighting=args.loss_weighting,
-                        train_seeds=args.train_seeds, **({"warm_start_steps": args.warm_start_steps} | extra))
+                        train_seeds=args.train_seeds,
+                        **({"warm_start_steps": args.warm_start_steps, "proxy_size": args.proxy_size} | extra))
     proxy = ProxyModel.load(base)
     out = []
     for seed in [int(s) for s in args.seeds.split(",")]:
