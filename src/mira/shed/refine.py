@@ -183,7 +183,7 @@ def refine(records: Sequence[Record], settings: ShedSettings | None = None, *,
             background = [warm[i] for i in sorted(pick.tolist())]
             if len(background) < s.background:
                 log(f"background: {len(background)} non-proxy records (all there are; background {s.background})")
-        players = proxy_records if s.proxy_size == 1 else [[cand_records[i] for i in r] for r in reps]
+        players = [[cand_records[i] for i in r] for r in reps]  # one record each with proxy_size 1: the proxies
         if s.proxy_size > 1:
             log(f"v(S) trains on up to {s.proxy_size} members of each cluster ({len(proxy_set)} records)")
         value_fn = LoraValue(proxy, players, val, s, warm, log, background_records=background)

@@ -198,14 +198,14 @@ class LoraValue:
         return self._keys[seed]
 
     def units(self, coalition: frozenset) -> list[int]:
-        """The training units (records) of the players in ``coalition``, background included."""
-        out = [int(u) for p in coalition for u in self.units_of[p]] if coalition else []
-        return out + sorted(self.background)
+        """The training units (records) of the players in ``coalition`` and the background that fit, sorted."""
+        out = {int(u) for p in coalition for u in self.units_of[p]} | self.background
+        return sorted(u for u in out if u in self.row_of)
 
     def batches(self, coalition: frozenset, seed: int) -> list[list[int]]:
         """Dataset rows of each step's batch: the ``batch_size`` units of ``coalition`` (and the background)
         with the smallest keys."""
-        units = np.array(sorted(u for u in self.units(frozenset(coalition)) if u in self.row_of), dtype=np.int64)
+        units = np.array(self.units(coalition), dtype=np.int64)
         if not len(units):
             return []
         keys = self.keys(seed)[:, units]
@@ -247,7 +247,7 @@ class LoraValue:
     def evaluate(self, coalition: frozenset, seed: int) -> float:
         """v(coalition) trained with the batch priorities (and dropout) of ``seed``."""
         self.proxy.slot.set(self.start)
-        batches = self.batches(frozenset(coalition), seed)
+        batches = self.batches(coalition, seed)
         if batches:
             self.train(batches, seed)
         return self.score()
