@@ -22,7 +22,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def raw(url: str, head: bytes, body: bytes, wait: float = 10.0) -> tuple[bytes, float]:
-    """Send ``head`` + ``body`` on a plain socket; ``(first response bytes, seconds until they came)``."""
+    """Send ``head`` + ``body`` on a plain socket; ``(the response: head and its Content-Length of body,
+    seconds until the response head came)``. The body may arrive in a later segment than the head."""
     u = urlparse(url)
     with socket.create_connection((u.hostname, u.port), timeout=wait) as s:
         t0 = time.monotonic()
@@ -33,7 +34,17 @@ def raw(url: str, head: bytes, body: bytes, wait: float = 10.0) -> tuple[bytes, 
             if not chunk:
                 break
             data += chunk
-        return data, time.monotonic() - t0
+        seconds = time.monotonic() - t0
+        top, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in top.split(b"\r\n")[1:]
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(rest) < length:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+            data += chunk
+        return data, seconds
 
 
 def head(path: str, length: int, auth: bool = True) -> bytes:
