@@ -532,3 +532,37 @@ def test_the_forkserver_shortens_flowers_task_heartbeat(monkeypatch):
     monkeypatch.setenv(forkserver.TASK_HEARTBEAT_ENV, "99")
     monkeypatch.setattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", 30)
     assert forkserver._shorten_task_heartbeat() and hb.HEARTBEAT_DEFAULT_INTERVAL == 30
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """Even when the OS offers a port again (nothing was bound to it yet), free_port gives another one."""
+    import socket as socket_mod
+
+    from mira.federated.flower import launch
+
+    real = socket_mod.socket
+    offered = iter([50001, 50001, 50001, 50002])
+
+    class Fake:
+        def __init__(self, *a, **kw):
+            self.port = next(offered)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def bind(self, addr):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(launch, "_HANDED_OUT", set())
+    monkeypatch.setattr(launch.socket, "socket", Fake)
+    assert launch.free_port() == 50001
+    assert launch.free_port() == 50002  # 50001 offered twice more, refused
+    monkeypatch.setattr(launch.socket, "socket", real)
+    ports = {launch.free_port() for _ in range(20)}
+    assert len(ports) == 20 and not ports & {50001, 50002}

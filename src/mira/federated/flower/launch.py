@@ -27,10 +27,21 @@ from mira.federated.flower.settings import RunSettings
 TAG = "MIRA_FLOWER_TAG"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now and that this process has not handed out before: a port is bound only
+    once the process it is given to has started, so two slow starters (a warm SuperNode and the next one)
+    could otherwise get the same port, and the later one would fail on every restart."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.add(port)
+    return port
 
 
 def _proc_environ(pid: int) -> bytes:
